@@ -1,0 +1,110 @@
+"""Shared plumbing for every op: implementation choice, argument checks, segment masks, padding.
+
+The one place that resolves ``impl="auto"`` is :func:`resolve_impl`: "chunked" on CPU (and for
+ops with no kernel on the current backend), "triton" on GPU, "mosaic_tpu" on TPU, decided from
+``jax.default_backend()`` because ``lax.platform_dependent`` cannot carry per-backend Pallas
+compiler params (FIELD_NOTES.md).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "IMPLS",
+    "resolve_impl",
+    "check_float",
+    "check_shape",
+    "check_segment_ids",
+    "segment_masks",
+    "pad_axis",
+    "next_pow2",
+    "expand_groups",
+]
+
+IMPLS = ("auto", "reference", "chunked", "triton", "mosaic_tpu", "mosaic_gpu")
+
+_AUTO_BY_BACKEND = {"cpu": "chunked", "gpu": "triton", "cuda": "triton", "rocm": "triton",
+                    "tpu": "mosaic_tpu"}
+
+
+def resolve_impl(op: str, impl: str, available: Sequence[str]) -> str:
+    """Turn ``impl`` into a concrete implementation name of ``op``.
+
+    ``available`` lists what the op implements; "auto" picks the backend's kernel when the op has
+    one and falls back to "chunked" otherwise.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        choice = _AUTO_BY_BACKEND.get(jax.default_backend(), "chunked")
+        return choice if choice in available else "chunked"
+    if impl not in available:
+        raise ValueError(f"{op}: impl={impl!r} is not implemented; choose one of "
+                         f"{('auto',) + tuple(available)}")
+    return impl
+
+
+def check_float(op: str, **arrays) -> None:
+    """Raise if any named array is not floating point."""
+    for name, x in arrays.items():
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{op}: {name} must be a floating dtype (float32/bfloat16/float16), "
+                            f"got {x.dtype}")
+
+
+def check_shape(op: str, name: str, x, expected: Sequence[int | None]) -> None:
+    """Raise unless ``x.shape`` matches ``expected`` (None matches any size)."""
+    shape = tuple(x.shape)
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{op}: {name} must have shape {want}, got {list(shape)}")
+
+
+def check_segment_ids(op: str, segment_ids, batch: int, length: int) -> None:
+    """segment_ids: [B, T] integer ids (0 = trailing padding)."""
+    if segment_ids is None:
+        return
+    check_shape(op, "segment_ids", segment_ids, (batch, length))
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"{op}: segment_ids must be an integer array [B, T], got {segment_ids.dtype}")
+
+
+def segment_masks(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """From ``segment_ids [B, T]`` derive ``(valid, reset)``, both ``[B, T]`` bool.
+
+    ``valid`` is False on padding (id 0). ``reset[t]`` is True where a new non-zero document
+    starts at t > 0 (the state before t must be dropped); token 0 never resets, so an
+    ``initial_state`` applies to the first document of each row.
+    """
+    valid = segment_ids != 0
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    reset = valid & (segment_ids != prev)
+    return valid, reset
+
+
+def pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
+    """Zero-pad ``axis`` of ``x`` up to a multiple of ``multiple``."""
+    size = x.shape[axis]
+    extra = (-size) % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def expand_groups(x: jax.Array, n_heads: int, axis: int = 2) -> jax.Array:
+    """Repeat grouped heads so head j of the result is head j // (n_heads / x.shape[axis])."""
+    groups = x.shape[axis]
+    if groups == n_heads:
+        return x
+    return jnp.repeat(x, n_heads // groups, axis=axis)
