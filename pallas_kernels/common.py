@@ -25,23 +25,23 @@ __all__ = [
     "expand_groups",
 ]
 
-IMPLS = ("auto", "reference", "chunked", "triton", "mosaic_tpu", "mosaic_gpu")
+IMPLS = ("auto", "reference", "chunked", "xla", "triton", "mosaic_tpu", "mosaic_gpu")
 
 _AUTO_BY_BACKEND = {"cpu": "chunked", "gpu": "triton", "cuda": "triton", "rocm": "triton",
                     "tpu": "mosaic_tpu"}
 
 
-def resolve_impl(op: str, impl: str, available: Sequence[str]) -> str:
+def resolve_impl(op: str, impl: str, available: Sequence[str], fallback: str = "chunked") -> str:
     """Turn ``impl`` into a concrete implementation name of ``op``.
 
     ``available`` lists what the op implements; "auto" picks the backend's kernel when the op has
-    one and falls back to "chunked" otherwise.
+    one and ``fallback`` (the portable pure-JAX form: "chunked", or "xla" for attention) otherwise.
     """
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         choice = _AUTO_BY_BACKEND.get(jax.default_backend(), "chunked")
-        return choice if choice in available else "chunked"
+        return choice if choice in available else fallback
     if impl not in available:
         raise ValueError(f"{op}: impl={impl!r} is not implemented; choose one of "
                          f"{('auto',) + tuple(available)}")

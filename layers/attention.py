@@ -1,0 +1,111 @@
+"""Causal softmax attention mixer (grouped-query, rotary, sliding window, packing, KV cache).
+
+    q = RoPE(x W_q), k = RoPE(x W_k), v = x W_v            # [B, T, H(kv), D]
+    y = attention(q, k, v; causal, window, same-document) W_o
+
+Rotary positions count from each document's start (`positions`, derived from `segment_ids` by
+the model, or here when not given). The cache holds rotated keys and values with the absolute
+position of every slot: a full cache has `max_len` slots (slot = position); a sliding-window
+cache is a ring buffer of `window` slots (slot = position mod window). Each row keeps its own
+length, so a batch of prompts of different lengths (right-padded, padding marked by
+segment_ids = 0) prefills in one call and decodes one token per row per step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.common import Linear, RMSNorm, positions_from_segments, rotary_embedding, valid_lengths
+from pallas_kernels.attention import attention
+
+__all__ = ["Attention"]
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal attention; `window=None` is full attention, an int is SWA."""
+
+    def __init__(self, d_model: int, *, num_heads: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, window: int | None = None,
+                 rope_theta: float = 10000.0, qk_norm: bool = False, impl: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of "
+                             f"num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"Attention: d_model ({d_model}) must be divisible by "
+                                 f"num_heads ({num_heads})")
+            head_dim = d_model // num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.window, self.rope_theta, self.impl, self.dtype = window, rope_theta, impl, dtype
+        self.q_proj = Linear(d_model, num_heads * head_dim, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d_model, num_kv_heads * head_dim, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(num_heads * head_dim, d_model, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(head_dim, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, dtype=dtype) if qk_norm else None
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        """Empty cache: `window` ring slots for SWA, `max_len` slots otherwise."""
+        slots = min(self.window, max_len) if self.window else max_len
+        shape = (batch, slots, self.num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "slot_pos": jnp.full((batch, slots), -1, jnp.int32),
+                "length": jnp.zeros((batch,), jnp.int32)}
+
+    def _project(self, x, positions):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotary_embedding(q, positions, theta=self.rope_theta)
+        k = rotary_embedding(k, positions, theta=self.rope_theta)
+        return q, k, v
+
+    def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+        """x [B, T, d_model] -> (y [B, T, d_model], cache). With a cache, segment_ids only marks
+        trailing padding (0) of each row; positions continue from the row's cached length."""
+        b, t, _ = x.shape
+        if cache is not None:
+            return self._call_cached(x, segment_ids, cache)
+        if positions is None:
+            positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        q, k, v = self._project(x, positions)
+        o = attention(q, k, v, segment_ids=segment_ids, window=self.window, impl=self.impl)
+        return self.o_proj(o.reshape(b, t, -1)), None
+
+    def _call_cached(self, x, segment_ids, cache):
+        b, t, _ = x.shape
+        valid = (jnp.ones((b, t), bool) if segment_ids is None else segment_ids != 0)
+        n_new = valid_lengths(segment_ids, b, t)  # [B]
+        length = cache["length"]
+        q_pos = length[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B, T]
+        q, k, v = self._project(x, q_pos)
+        # Keys: the cached slots followed by this call's tokens.
+        k_all = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
+        v_all = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+        kv_pos = jnp.concatenate([cache["slot_pos"], jnp.where(valid, q_pos, -1)], axis=1)
+        o = attention(q, k_all, v_all, segment_ids=valid.astype(jnp.int32),
+                      kv_segment_ids=(kv_pos >= 0).astype(jnp.int32), q_positions=q_pos,
+                      kv_positions=kv_pos, window=self.window, impl=self.impl)
+        y = self.o_proj(o.reshape(b, t, -1))
+
+        # Write the tokens that stay in the cache: the last `slots` real tokens of each row.
+        slots = cache["k"].shape[1]
+        t_idx = jnp.arange(t)[None]
+        keep = valid & (t_idx >= n_new[:, None] - slots)
+        slot = jnp.where(keep, q_pos % slots if self.window else q_pos, slots)  # slots => dropped
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        new_cache = {
+            "k": cache["k"].at[rows, slot].set(k.astype(cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[rows, slot].set(v.astype(cache["v"].dtype), mode="drop"),
+            "slot_pos": cache["slot_pos"].at[rows, slot].set(q_pos, mode="drop"),
+            "length": length + n_new,
+        }
+        return y, new_cache

@@ -1,0 +1,217 @@
+"""Building blocks shared by every mixer: parameters with sharding metadata, projections,
+RMSNorm, gated RMSNorm, the SwiGLU MLP, rotary embedding and the causal short convolution.
+
+Parameters are float32 and carry two pieces of metadata that the trainer reads:
+``logical_axes`` (logical axis names, mapped to mesh axes by the rule table in
+``train/sharding.py``) and ``no_decay`` (True for norms, biases, gates and decay parameters, which
+AdamW's weight decay skips). Modules compute in ``dtype`` (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "make_param",
+    "Linear",
+    "RMSNorm",
+    "GatedRMSNorm",
+    "SwiGLU",
+    "rotary_embedding",
+    "positions_from_segments",
+    "CausalConv1d",
+    "valid_lengths",
+]
+
+Initializer = Callable[..., jax.Array]
+
+
+def make_param(rngs: nnx.Rngs | None, init: Initializer | jax.Array, shape: Sequence[int],
+               axes: Sequence[str | None], *, no_decay: bool = False) -> nnx.Param:
+    """A float32 parameter tagged with logical axes and the weight-decay flag."""
+    if len(axes) != len(shape):
+        raise ValueError(f"make_param: axes {tuple(axes)} do not match shape {tuple(shape)}")
+    value = init if isinstance(init, jax.Array) else init(rngs.params(), tuple(shape), jnp.float32)
+    # `logical_axes` (not flax's own sharding metadata): sharding is applied by the rule table in
+    # train/sharding.py, never by flax at construction time.
+    return nnx.Param(value, logical_axes=tuple(axes), no_decay=no_decay)
+
+
+class Linear(nnx.Module):
+    """y = x W (+ b). W: [d_in, d_out] with logical axes ``axes``."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes=("embed", "mlp"), use_bias: bool = False,
+                 init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
+        self.w = make_param(rngs, init, (d_in, d_out), axes)
+        self.b = (make_param(rngs, nnx.initializers.zeros, (d_out,), axes[1:], no_decay=True)
+                  if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.w[...].astype(self.dtype))
+        if self.b is not None:
+            y = y + self.b[...].astype(self.dtype)
+        return y
+
+
+def _rms_normalize(x, eps):
+    xf = x.astype(jnp.float32)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x²) + eps) · γ, computed in float32, returned in ``dtype``."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str | None = "norm",
+                 dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.scale = make_param(None, jnp.ones((dim,), jnp.float32), (dim,), (axis_name,),
+                                no_decay=True)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return (_rms_normalize(x, self.eps) * self.scale[...]).astype(self.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """Gated RMSNorm over groups of ``group_size`` features.
+
+    norm_before_gate=True (GatedDeltaNet): y = RMSNorm(x) · silu(z);
+    norm_before_gate=False (Mamba-2):     y = RMSNorm(x · silu(z)).
+    """
+
+    def __init__(self, dim: int, *, group_size: int | None = None, eps: float = 1e-6,
+                 norm_before_gate: bool = True, axis_name: str | None = "norm",
+                 dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.scale = make_param(None, jnp.ones((dim,), jnp.float32), (dim,), (axis_name,),
+                                no_decay=True)
+        self.group_size = group_size or dim
+        if dim % self.group_size:
+            raise ValueError(f"GatedRMSNorm: dim {dim} is not a multiple of group_size {group_size}")
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+        self.dtype = dtype
+
+    def __call__(self, x, z):
+        gate = jax.nn.silu(z.astype(jnp.float32))
+        xf = x.astype(jnp.float32)
+        if not self.norm_before_gate:
+            xf = xf * gate
+        shape = xf.shape
+        xg = xf.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        y = _rms_normalize(xg, self.eps).reshape(shape)
+        if self.norm_before_gate:
+            y = y * gate
+        return (y * self.scale[...]).astype(self.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """MLP(x) = (silu(x W_gate) ⊙ x W_up) W_down."""
+
+    def __init__(self, d_model: int, d_hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.gate = Linear(d_model, d_hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.up = Linear(d_model, d_hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.down = Linear(d_hidden, d_model, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def rotary_embedding(x, positions, *, theta: float = 10000.0, fraction: float = 1.0):
+    """Rotate feature pairs (i, i + d/2) of x [B, T, H, D] by angle pos · θ^(−2i/d).
+
+    positions: [B, T] int (per-document positions when documents are packed). Only the first
+    ``fraction`` of the features rotate (partial rotary); the rest pass through.
+    """
+    d = x.shape[-1]
+    rot = int(d * fraction) // 2 * 2
+    if rot == 0:
+        return x
+    half = rot // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rot)  # [half]
+    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, T, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32)
+    x1, x2, rest = xf[..., :half], xf[..., half:rot], xf[..., rot:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return out.astype(x.dtype)
+
+
+def positions_from_segments(segment_ids):
+    """Position of each token within its document: [B, T] int32, counted from each start."""
+    b, t = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    prev = jnp.concatenate([jnp.full((b, 1), -1, segment_ids.dtype), segment_ids[:, :-1]], axis=1)
+    starts = jnp.where(segment_ids != prev, idx, 0)
+    return idx - jax.lax.cummax(starts, axis=1)
+
+
+def valid_lengths(segment_ids, batch: int, length: int):
+    """Number of non-padding tokens per row: [B] int32 (all T when segment_ids is None)."""
+    if segment_ids is None:
+        return jnp.full((batch,), length, jnp.int32)
+    return jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+
+
+class CausalConv1d(nnx.Module):
+    """Depthwise causal convolution y_t = Σ_{j<K} w_j ⊙ x_{t−j} (+ b), then an optional SiLU.
+
+    With ``segment_ids`` a token only sees earlier tokens of its own document, and padding
+    inputs are zeroed. The cache holds the last K−1 real inputs of each row, [B, K−1, C], so
+    prefill of rows with different lengths followed by decoding equals the full pass.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, *, activation: bool = True,
+                 use_bias: bool = False, axis_name: str | None = "conv", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        bound = 1.0 / kernel_size ** 0.5
+        init = nnx.initializers.uniform(2 * bound)
+        w = init(rngs.params(), (kernel_size, channels), jnp.float32) - bound
+        self.w = make_param(None, w, (kernel_size, channels), (None, axis_name))
+        self.b = (make_param(None, jnp.zeros((channels,), jnp.float32), (channels,), (axis_name,),
+                             no_decay=True) if use_bias else None)
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.dtype = dtype
+
+    def init_cache(self, batch: int, dtype=jnp.float32):
+        return jnp.zeros((batch, self.kernel_size - 1, self.w.shape[1]), dtype)
+
+    def __call__(self, x, *, segment_ids=None, cache=None):
+        """x: [B, T, C] -> (y [B, T, C], new cache [B, K−1, C] or None)."""
+        b, t, c = x.shape
+        k = self.kernel_size
+        x = x.astype(self.dtype)
+        if segment_ids is not None:
+            x = jnp.where((segment_ids != 0)[..., None], x, 0)
+        past = cache.astype(self.dtype) if cache is not None else jnp.zeros((b, k - 1, c), x.dtype)
+        full = jnp.concatenate([past, x], axis=1)  # [B, K-1+T, C]
+        w = self.w[...].astype(self.dtype)
+        if segment_ids is not None:
+            # Document of each position in `full`; cached inputs belong to the first token's doc.
+            seg_full = jnp.concatenate([jnp.repeat(segment_ids[:, :1], k - 1, axis=1), segment_ids],
+                                       axis=1) if cache is not None else jnp.concatenate(
+                [jnp.full((b, k - 1), -1, segment_ids.dtype), segment_ids], axis=1)
+        y = jnp.zeros((b, t, c), jnp.float32)
+        for j in range(k):  # tap j reads x_{t-j}
+            xs = jax.lax.dynamic_slice_in_dim(full, k - 1 - j, t, axis=1)
+            if segment_ids is not None:
+                same = jax.lax.dynamic_slice_in_dim(seg_full, k - 1 - j, t, axis=1) == segment_ids
+                xs = jnp.where(same[..., None], xs, 0)
+            y = y + xs.astype(jnp.float32) * w[k - 1 - j].astype(jnp.float32)
+        if self.b is not None:
+            y = y + self.b[...]
+        if self.activation:
+            y = jax.nn.silu(y)
+        y = y.astype(self.dtype)
+        new_cache = None
+        if cache is not None:
+            n = valid_lengths(segment_ids, b, t)  # [B]
+            idx = n[:, None] + jnp.arange(k - 1)[None, :]  # last K-1 real inputs in `full`
+            new_cache = jnp.take_along_axis(full, idx[:, :, None], axis=1).astype(cache.dtype)
+        return y, new_cache

@@ -1,0 +1,63 @@
+"""Public causal softmax attention: checks, masks, and the one place `impl` is resolved.
+
+    attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_positions=None,
+              kv_positions=None, window=None, impl="auto") -> o
+
+Without positions, query i and key i are both at position i (training / prefill from scratch,
+Tq == Tk). With a cache, the layer passes absolute positions: queries align to the end of each
+row's valid keys, rows may have different lengths, and a ring buffer may hold keys in any slot
+order (kv_positions = −1 marks an empty slot). See `reference.py` for the math.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.attention.reference import attention_mask, attention_reference
+from pallas_kernels.attention.xla import attention_xla
+from pallas_kernels.common import check_float, check_segment_ids, check_shape, resolve_impl
+
+__all__ = ["attention", "attention_mask"]
+
+_OP = "attention"
+
+
+def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_positions=None,
+              kv_positions=None, window: int | None = None, impl: str = "auto"):
+    """Causal grouped-query softmax attention. q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv]."""
+    check_float(_OP, q=q, k=k, v=v)
+    if q.ndim != 4:
+        raise ValueError(f"{_OP}: q must have shape [B, T, H, D], got {list(q.shape)}")
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    check_shape(_OP, "k", k, (b, tk, hkv, d))
+    check_shape(_OP, "v", v, (b, tk, hkv, None))
+    if hq % hkv:
+        raise ValueError(f"{_OP}: q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    if window is not None and window < 1:
+        raise ValueError(f"{_OP}: window must be a positive int or None, got {window}")
+    scale = d ** -0.5 if scale is None else scale
+    impl = resolve_impl(_OP, impl, ("reference", "xla"), fallback="xla")
+
+    plain = segment_ids is None and q_positions is None and kv_positions is None
+    if q_positions is None:
+        if tq != tk:
+            raise ValueError(f"{_OP}: q_positions/kv_positions are required when Tq ({tq}) != Tk ({tk})")
+        q_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk))
+    check_shape(_OP, "q_positions", q_positions, (b, tq))
+    check_shape(_OP, "kv_positions", kv_positions, (b, tk))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, tq), jnp.int32)
+    check_segment_ids(_OP, segment_ids, b, tq)
+    if kv_segment_ids is None:
+        if tq != tk:
+            raise ValueError(f"{_OP}: kv_segment_ids is required when Tq ({tq}) != Tk ({tk})")
+        kv_segment_ids = segment_ids
+    check_segment_ids(_OP, kv_segment_ids, b, tk)
+
+    mask = attention_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, window)
+    if impl == "reference":
+        return attention_reference(q, k, v, mask, scale)
+    return attention_xla(q, k, v, mask, scale, plain_causal=plain, window=window)

@@ -1,0 +1,99 @@
+"""Device mesh and sharding by rules: logical axis names on parameters -> mesh axes.
+
+The mesh has named axes ("data", "fsdp", "tensor") with Auto axis types (FIELD_NOTES: Explicit
+types reject an fsdp/tensor-sharded matmul). Parameters carry logical axis names in their
+metadata (layers/common.make_param); `RULES` maps each name to a mesh axis. A dimension that the
+mesh axis does not divide stays replicated, so every preset runs on every mesh. The batch is
+split over ("data", "fsdp").
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+__all__ = ["MESH_AXES", "RULES", "make_mesh", "param_specs", "param_axes", "no_decay_mask",
+           "batch_sharding", "replicated"]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis (names absent here are replicated)
+RULES: dict[str, str] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+}
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """Build the (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: sizes (data, fsdp, tensor) = {tuple(sizes)}; each must be a "
+                         "positive int, and at most one may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
+                         f"{len(devices)} devices")
+    arr = np.array(devices).reshape(sizes)
+    return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _meta(var: nnx.Variable) -> dict:
+    return var.get_metadata()
+
+
+def param_axes(state: nnx.State) -> dict:
+    """Pure dict (same structure as nnx.to_pure_dict(state)) of logical axis-name tuples."""
+    def axes(var):
+        m = _meta(var)
+        names = m.get("logical_axes")
+        return tuple(names) if names is not None else (None,) * var.get_value().ndim
+    tree = jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree)
+
+
+def no_decay_mask(state: nnx.State) -> dict:
+    """Pure dict of bools: True where AdamW applies weight decay (not tagged no_decay)."""
+    tree = jax.tree.map(lambda v: not _meta(v).get("no_decay", False), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree)
+
+
+def _spec(axes: tuple, shape: tuple, mesh) -> P:
+    used, out = set(), []
+    for name, dim in zip(axes, shape):
+        axis = RULES.get(name) if name is not None else None
+        if axis is None or axis in used or dim % mesh.shape[axis]:
+            out.append(None)
+        else:
+            used.add(axis)
+            out.append(axis)
+    return P(*out)
+
+
+def param_specs(axes_tree: dict, shapes_tree: dict, mesh) -> dict:
+    """NamedShardings for a pure params dict, from its logical axes and shapes."""
+    is_axes = lambda x: isinstance(x, tuple)
+    return jax.tree.map(lambda a, s: NamedSharding(mesh, _spec(a, s.shape, mesh)), axes_tree,
+                        shapes_tree, is_leaf=is_axes)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

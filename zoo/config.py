@@ -1,0 +1,96 @@
+"""The model's own configuration: a frozen dataclass built from `config.model` and validated
+before anything is traced, so bad input fails fast with the field name and the allowed values."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+__all__ = ["ModelConfig", "ConfigError", "hybrid_pattern"]
+
+
+class ConfigError(ValueError):
+    """A configuration field has a value the model cannot be built from."""
+
+
+def hybrid_pattern(n_layers: int, mixer: str, ratio: int, attention: str = "attn") -> tuple[str, ...]:
+    """One `attention` layer at the end of every group of `ratio` `mixer` layers.
+
+    ratio 3 over 8 layers -> (m, m, m, attn, m, m, m, attn); ratio 0 -> all `mixer`. When the
+    mixer is itself attention the pattern is uniform.
+    """
+    if ratio < 0:
+        raise ConfigError(f"model.ratio must be >= 0, got {ratio}")
+    if ratio == 0 or mixer == attention:
+        return (mixer,) * n_layers
+    return tuple(attention if (i + 1) % (ratio + 1) == 0 else mixer for i in range(n_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0            # 0 -> num_heads
+    head_dim: int = 0                # 0 -> d_model // num_heads
+    d_ff: int = 0                    # 0 -> 8/3 d_model rounded up to a multiple of 64
+    layer_types: tuple[str, ...] = ()
+    mixer: str = "attn"              # used with `ratio` when layer_types is empty
+    ratio: int = 0
+    window: int = 256                # sliding window of `swa` layers
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dtype: str = "float32"           # compute dtype; parameters stay float32
+    impl: str = "auto"               # op implementation passed to every layer
+    remat: bool = False
+    mixer_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"model: unknown field(s) {unknown}; known fields: {sorted(names)}")
+        kw = dict(d)
+        if "layer_types" in kw:
+            kw["layer_types"] = tuple(kw["layer_types"])
+        if "mixer_options" in kw:
+            kw["mixer_options"] = {k: dict(v) for k, v in dict(kw["mixer_options"]).items()}
+        return cls(**kw).resolved()
+
+    def resolved(self) -> "ModelConfig":
+        """Fill the derived fields (0 / empty) and validate every field."""
+        from zoo.registry import known_mixers  # late: the registry imports the layers
+
+        mixers = known_mixers()
+        if self.n_layers < 1:
+            raise ConfigError(f"model.n_layers must be >= 1, got {self.n_layers}")
+        if self.d_model < 1 or self.num_heads < 1:
+            raise ConfigError("model.d_model and model.num_heads must be positive")
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads "
+                              f"({self.num_heads})")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
+                              f"model.num_kv_heads ({kv})")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.dtype must be one of ('float32', 'bfloat16'), got {self.dtype!r}")
+        layer_types = self.layer_types
+        if not layer_types:
+            if self.mixer not in mixers:
+                raise ConfigError(f"model.mixer: unknown mixer {self.mixer!r}; known: {mixers}")
+            layer_types = hybrid_pattern(self.n_layers, self.mixer, self.ratio)
+        if len(layer_types) != self.n_layers:
+            raise ConfigError(f"model.layer_types has {len(layer_types)} entries but model.n_layers "
+                              f"is {self.n_layers}; give one mixer name per layer")
+        for name in layer_types:
+            if name not in mixers:
+                raise ConfigError(f"model.layer_types: unknown mixer {name!r}; known: {mixers}")
+        d_ff = self.d_ff or -(-int(self.d_model * 8 / 3) // 64) * 64
+        return dataclasses.replace(self, num_kv_heads=kv, head_dim=self.head_dim or self.d_model // self.num_heads,
+                                   d_ff=d_ff, layer_types=tuple(layer_types))
+
+    def options(self, mixer: str) -> dict:
+        return dict(self.mixer_options.get(mixer, {}))
