@@ -42,8 +42,9 @@ class LM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = make_param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
-                                ("vocab", "embed"))
+        # std d^-1/2 keeps tied-head logits O(1); inputs are scaled by sqrt(d) back to unit RMS.
+        self.embed = make_param(rngs, nnx.initializers.normal(cfg.d_model ** -0.5),
+                                (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, dtype=jnp.dtype(cfg.dtype))
         self.head = (None if cfg.tie_embeddings else
@@ -56,7 +57,7 @@ class LM(nnx.Module):
     def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None):
         """tokens [B, T] int -> (logits [B, T, V] float32, cache or None)."""
         dtype = jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)  # [B, T, D]
+        x = (jnp.take(self.embed[...], tokens, axis=0) * self.cfg.d_model ** 0.5).astype(dtype)  # [B, T, D]
         if positions is None and segment_ids is not None and cache is None:
             positions = positions_from_segments(segment_ids)
         new_cache = [] if cache is not None else None
