@@ -13,7 +13,6 @@ segment_ids = 0) prefills in one call and decodes one token per row per step.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

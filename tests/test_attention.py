@@ -86,36 +86,10 @@ def _layer(window, dtype=jnp.float32):
     return Attention(32, num_heads=4, num_kv_heads=2, window=window, dtype=dtype, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_layer_prefill_decode_equals_forward_ragged(window):
-    m = _layer(window)
-    x = jax.random.normal(jax.random.key(1), (2, 12, 32))
-    full, _ = m(x)
-    lens = jnp.array([7, 4])
-    seg = (jnp.arange(8)[None] < lens[:, None]).astype(jnp.int32)
-    cache = m.init_cache(2, 16)
-    if window:
-        assert cache["k"].shape[1] == window, "a sliding-window cache is a ring of w slots"
-    y, cache = m(x[:, :8], segment_ids=seg, cache=cache)
-    assert_close(y[0, :7], full[0, :7], jnp.float32)
-    assert_close(y[1, :4], full[1, :4], jnp.float32)
-    for s in range(4):
-        xt = jnp.stack([x[0, 7 + s], x[1, 4 + s]])[:, None]
-        yt, cache = m(xt, cache=cache)
-        assert_close(yt[0, 0], full[0, 7 + s], jnp.float32, name=f"row0 step{s}")
-        assert_close(yt[1, 0], full[1, 4 + s], jnp.float32, name=f"row1 step{s}")
-
-
-def test_layer_packing_equals_separate_sequences():
-    """Rotary positions restart per document, and no attention crosses documents."""
-    m = _layer(None)
-    x = jax.random.normal(jax.random.key(2), (1, 10, 32))
-    seg = jnp.array([[1] * 4 + [2] * 5 + [0]])
-    packed, _ = m(x, segment_ids=seg)
-    a, _ = m(x[:, :4])
-    b, _ = m(x[:, 4:9])
-    assert_close(packed[:, :4], a, jnp.float32)
-    assert_close(packed[:, 4:9], b, jnp.float32)
+def test_sliding_window_cache_is_a_ring_of_w_slots():
+    """(prefill + decode == forward for every mixer is in test_mixers.py)"""
+    assert _layer(3).init_cache(2, 16)["k"].shape[1] == 3
+    assert _layer(None).init_cache(2, 16)["k"].shape[1] == 16
 
 
 def test_layer_bf16_close_to_fp32():
@@ -125,3 +99,21 @@ def test_layer_bf16_close_to_fp32():
     y16, _ = m16(x.astype(jnp.bfloat16))
     assert y16.dtype == jnp.bfloat16
     assert_close(y16, y32, jnp.bfloat16)
+
+
+def test_kv_sinks_are_visible_to_every_real_query():
+    q, k, v = _qkv(1, 6, 2, 2, 8, jnp.float32)
+    ks, vs = _qkv(1, 2, 2, 2, 8, jnp.float32, seed=5)[1:]
+    seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+    kk, vv = jnp.concatenate([ks, k], 1), jnp.concatenate([vs, v], 1)
+    kv_pos = jnp.concatenate([jnp.zeros((1, 2), jnp.int32), jnp.arange(6)[None]], 1)
+    kv_seg = jnp.concatenate([jnp.ones((1, 2), jnp.int32), seg], 1)
+    args = dict(segment_ids=seg, kv_segment_ids=kv_seg, q_positions=jnp.arange(6)[None],
+                kv_positions=kv_pos, window=2, kv_sinks=2)
+    got = attention(q, kk, vv, impl="xla", **args)
+    assert_close(got, attention(q, kk, vv, impl="reference", **args), jnp.float32)
+    # Query 4 (document 2, window 2) sees the two sinks and keys 3, 4 only.
+    logits = jnp.einsum("hd,khd->hk", q[0, 4], jnp.concatenate([ks[0], k[0, 3:5]])) / 8 ** 0.5
+    want = jnp.einsum("hk,khd->hd", jax.nn.softmax(logits, -1), jnp.concatenate([vs[0], v[0, 3:5]]))
+    assert_close(got[0, 4], want, jnp.float32)
+    assert np.all(np.asarray(got[0, 5]) == 0), "padding queries see no sink"

@@ -3,13 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from layers.common import CausalConv1d, positions_from_segments
 from tests.tolerance import assert_close
-from zoo import LM, ConfigError, ModelConfig, count_params, cross_entropy, generate, hybrid_pattern, known_mixers
+from zoo import LM, ConfigError, ModelConfig, count_params, generate, hybrid_pattern, known_mixers
 
 
 def tiny_cfg(**kw):
@@ -88,24 +87,4 @@ def test_generate_with_cache_equals_repeated_forward():
         assert list(row) == seq[len(p):]
     sampled = generate(m, prompts, 5, temperature=0.8, top_k=20, top_p=0.9, seed=1)
     assert sampled.shape == (2, 5) and sampled.min() >= 0 and sampled.max() < 256
-
-
-def test_two_layer_model_trains():
-    m = LM(tiny_cfg(), rngs=nnx.Rngs(0))
-    tx = optax.adam(3e-3)
-    opt = nnx.Optimizer(m, tx, wrt=nnx.Param)
-    toks = jax.random.randint(jax.random.key(0), (4, 33), 0, 16)  # a learnable small-vocab text
-    toks = jnp.sort(toks, axis=1)
-
-    @nnx.jit
-    def step(m, opt):
-        def loss_fn(m):
-            logits, _ = m(toks[:, :-1])
-            return cross_entropy(logits, toks[:, 1:])[0]
-        loss, g = nnx.value_and_grad(loss_fn)(m)
-        opt.update(m, g)
-        return loss
-
-    losses = [float(step(m, opt)) for _ in range(5)]
-    assert losses[-1] < losses[0] - 0.5, losses
     assert count_params(m) > 0

@@ -23,8 +23,12 @@ _OP = "attention"
 
 
 def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_positions=None,
-              kv_positions=None, window: int | None = None, impl: str = "auto"):
-    """Causal grouped-query softmax attention. q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv]."""
+              kv_positions=None, window: int | None = None, kv_sinks: int = 0, impl: str = "auto"):
+    """Causal grouped-query softmax attention. q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv].
+
+    `kv_sinks`: the first kv_sinks keys (e.g. learned persistent tokens) are visible to every real
+    query, whatever their position, window or segment; the caller passes kv_positions and
+    kv_segment_ids for all Tk keys, sinks included."""
     check_float(_OP, q=q, k=k, v=v)
     if q.ndim != 4:
         raise ValueError(f"{_OP}: q must have shape [B, T, H, D], got {list(q.shape)}")
@@ -39,7 +43,7 @@ def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_p
     scale = d ** -0.5 if scale is None else scale
     impl = resolve_impl(_OP, impl, ("reference", "xla"), fallback="xla")
 
-    plain = segment_ids is None and q_positions is None and kv_positions is None
+    plain = segment_ids is None and q_positions is None and kv_positions is None and not kv_sinks
     if q_positions is None:
         if tq != tk:
             raise ValueError(f"{_OP}: q_positions/kv_positions are required when Tq ({tq}) != Tk ({tk})")
@@ -57,7 +61,7 @@ def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_p
         kv_segment_ids = segment_ids
     check_segment_ids(_OP, kv_segment_ids, b, tk)
 
-    mask = attention_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, window)
+    mask = attention_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, window, kv_sinks)
     if impl == "reference":
         return attention_reference(q, k, v, mask, scale)
     return attention_xla(q, k, v, mask, scale, plain_causal=plain, window=window)

@@ -6,7 +6,8 @@ with mask_ij = 0 where key j is visible to query i and −inf elsewhere. Key j i
   * it is valid (kv position ≥ 0, kv segment ≠ 0),
   * it is not in the future (kv_pos_j ≤ q_pos_i),
   * it lies in the window (q_pos_i − kv_pos_j < window; the window counts the token itself),
-  * it is in the query's document (kv_seg_j == q_seg_i, both ≠ 0).
+  * it is in the query's document (kv_seg_j == q_seg_i, both ≠ 0),
+or it is one of the first `kv_sinks` keys (persistent / sink tokens, visible to every real query).
 A query with no visible key (padding) outputs 0. Grouped-query: q head i reads kv head
 i // (Hq / Hkv).
 """
@@ -21,7 +22,7 @@ from pallas_kernels.common import expand_groups
 __all__ = ["attention_mask", "attention_reference"]
 
 
-def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, window):
+def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, window, kv_sinks=0):
     """Boolean visibility mask [B, Tq, Tk] from positions [B, T*] and segment ids [B, T*]."""
     qp = q_positions[:, :, None]  # [B, Tq, 1]
     kp = kv_positions[:, None, :]  # [B, 1, Tk]
@@ -31,6 +32,9 @@ def attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, win
     qs = q_segment_ids[:, :, None]
     ks = kv_segment_ids[:, None, :]
     mask &= (qs == ks) & (qs != 0)
+    if kv_sinks:
+        sink = jnp.arange(kv_positions.shape[1]) < kv_sinks  # [Tk]
+        mask |= sink[None, None, :] & (qs != 0)
     return mask
 
 
