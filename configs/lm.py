@@ -6,7 +6,8 @@ arg: a comma list of key=value with keys
   mixer  the linear (or any) mixer name of the registry (default attn)
   ratio  linear layers per attention layer (0: every layer is `mixer`; 3: a 3:1 hybrid)
   size   a preset of zoo/presets.py: tiny, small, 340M, 1.3B (default tiny)
-  data   the data source: stdlib (default), text, jsonl, tokens — point data.path at your files
+  data   the data source: stdlib (default), text, jsonl, tokens — point data.path at your files —
+         or mqar (synthetic associative recall, fields under data.mqar)
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source=args.get("data", "stdlib"), path="", jsonl_field="text", tokenizer="bytes",
         seq_len=256, heldout_fraction=0.02, max_bytes=0,
+        # used when source == "mqar" (seq_len above is the example length)
+        mqar=ml_collections.ConfigDict(dict(vocab_size=256, num_kv_pairs=4, power_a=0.01,
+                                            random_non_queries=True, heldout_examples=512)),
     ))
 
     c.train = ml_collections.ConfigDict(dict(

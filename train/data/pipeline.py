@@ -31,7 +31,7 @@ import hashlib
 import json
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -53,6 +53,16 @@ def _field(cfg: Any, name: str, default: Any) -> Any:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def serve_by_index(load: Callable[[int], Batch], start_step: int) -> Iterator[Batch]:
+    """Batches load(s) for s = start_step, start_step + 1, ... through a grain MapDataset served
+    by index: the batch of a step never depends on what was drawn before."""
+    import grain  # noqa: PLC0415  (0.7 s to import: only for iterators)
+
+    steps = grain.MapDataset.range(start_step, sys.maxsize)
+    return iter(steps.map(load).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
 
 class PackedData:
@@ -169,8 +179,6 @@ class PackedData:
 
         Arguments are checked here, before the first batch is drawn.
         """
-        import grain  # noqa: PLC0415  (0.7 s to import: only for the iterator)
-
         self._local_size(batch_size, process_index, process_count)
         if not _is_int(start_step) or start_step < 0:
             raise DataError(f"start_step: must be a non-negative integer, got {start_step!r}")
@@ -180,10 +188,7 @@ class PackedData:
             return self.batch(int(step), split=split, batch_size=batch_size,
                               process_index=process_index, process_count=process_count)
 
-        steps = grain.MapDataset.range(int(start_step), sys.maxsize)
-        ds = steps.map(load).to_iter_dataset(
-            grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-        return iter(ds)
+        return serve_by_index(load, int(start_step))
 
     def eval_batches(self, *, batch_size: int, max_batches: int, process_index: int = 0,
                      process_count: int = 1) -> list[Batch]:
@@ -237,9 +242,12 @@ def load_data(data_cfg: Any, seed: int = 0) -> PackedData:
     seq_len, heldout_fraction (0.02), max_bytes (0 = no limit). Raises DataError.
     """
     source = _field(data_cfg, "source", "stdlib")
+    if source == "mqar":
+        from train.data.synthetic import load_mqar  # noqa: PLC0415  (imports this module)
+        return load_mqar(data_cfg, seed)
     if source not in SOURCES:
         raise DataError(f"data.source: unknown source {source!r} "
-                        f"(allowed: {', '.join(repr(s) for s in SOURCES)})")
+                        f"(allowed: {', '.join(repr(s) for s in SOURCES + ('mqar',))})")
     seq_len = _field(data_cfg, "seq_len", None)
     if not _is_int(seq_len) or seq_len < 2:
         raise DataError(f"data.seq_len: must be an integer >= 2, got {seq_len!r}")

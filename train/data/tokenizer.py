@@ -86,6 +86,28 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=256)"
 
 
+class IdTokenizer:
+    """Integer ids as tokens (synthetic tasks): text is the ids written in decimal, space-separated."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array([int(t) for t in text.split()], np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Any) -> str:
+        return " ".join(str(int(i)) for i in _valid_ids(ids, self.vocab_size))
+
+    def to_dict(self) -> dict:
+        return {"type": "ids", "vocab_size": self.vocab_size}
+
+    def __repr__(self) -> str:
+        return f"IdTokenizer(vocab_size={self.vocab_size})"
+
+
 def _import_tokenizers(field: str):
     try:
         import tokenizers  # noqa: PLC0415  (optional dependency, imported lazily)
@@ -159,7 +181,9 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         return ByteTokenizer()
     if kind == "hf":
         return HFTokenizer(d["json"], name=d.get("name", ""))
-    raise DataError(f"tokenizer dict: unknown type {kind!r} (allowed: 'bytes', 'hf')")
+    if kind == "ids":
+        return IdTokenizer(d["vocab_size"])
+    raise DataError(f"tokenizer dict: unknown type {kind!r} (allowed: 'bytes', 'hf', 'ids')")
 
 
 def tokenizer_digest(tok: Tokenizer) -> str:

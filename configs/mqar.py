@@ -1,0 +1,23 @@
+"""Train a small model on multi-query associative recall (Zoology's MQAR).
+
+    python -m train --config configs/mqar.py:mixer=gdn --workdir runs/mqar_gdn
+    python -m train.eval --workdir runs/mqar_gdn --tasks mqar
+
+arg: as configs/lm.py (mixer=, ratio=, size=), plus the task cell via overrides:
+--config.data.seq_len=128 --config.data.mqar.num_kv_pairs=16 --config.data.mqar.vocab_size=512.
+"""
+
+from __future__ import annotations
+
+from configs import lm
+
+
+def get_config(arg: str | None = None):
+    c = lm.get_config(",".join(filter(None, [arg or "mixer=attn", "data=mqar"])))
+    c.model.update(dict(d_model=64, n_layers=2, num_heads=2, window=64))
+    c.data.seq_len = 64
+    c.data.mqar.update(dict(vocab_size=256, num_kv_pairs=4))
+    c.train.update(dict(steps=1500, batch_size=64, lr=3e-3, warmup_steps=100, weight_decay=0.1,
+                        log_every=100, eval_batches=8))
+    c.checkpoint.every = 500
+    return c
