@@ -9,7 +9,7 @@ On CPU the process pins itself to one core with single-threaded Eigen before imp
 implementations of one (op, shape) are timed interleaved, best of `--reps` x `--rounds`.
 Peak memory is the compiled executable's temporary + output bytes (XLA's memory analysis), so
 it is comparable across implementations on any backend. Each op contributes its cases from
-`scripts/bench_<op>.py` (`cases()` -> dicts with op, impl, T, fwd, fwd_bwd and shape fields).
+`scripts/bench_<op>.py` (`cases()` -> dicts with op, impl, T, fwd, fwd_bwd, lower and shape fields).
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ def _time(fn, reps: int) -> float:
     return best
 
 
-def _peak_bytes(fn) -> int | None:
+def _peak_bytes(case) -> int | None:
+    """Temp + output bytes of the compiled forward+backward, from the case's `lower` callable
+    (a zero-argument function returning `jax.jit(f).lower(*inputs)`: inputs stay arguments, so
+    XLA does not constant-fold them)."""
+    if "lower" not in case:
+        return None
     try:
-        mem = jax.jit(fn).lower().compile().memory_analysis()
+        mem = case["lower"]().compile().memory_analysis()
         return int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
     except Exception:  # backends without memory analysis
         return None
@@ -98,7 +103,7 @@ def main():
                     b[1] = min(b[1], _time(c["fwd_bwd"], args.reps))
             for c in group:
                 fwd, fb = best[id(c)]
-                peak = _peak_bytes(c["fwd_bwd"])
+                peak = _peak_bytes(c)
                 row = {"op": op, "impl": c["impl"], **{k: c[k] for k in SHAPE_KEYS if k in c},
                        "fwd_ms": fwd * 1e3, "fwd_bwd_ms": fb * 1e3,
                        "fwd_tokens_per_s": c["T"] / fwd, "fwd_bwd_tokens_per_s": c["T"] / fb,

@@ -1,6 +1,6 @@
 """Benchmark cases for simple_gla: forward and forward+backward closures per implementation.
 
-``cases()`` returns a list of dicts ``{"op", "impl", "T", "H", "D", "fwd", "fwd_bwd"}`` whose
+``cases()`` returns a list of dicts ``{"op", "impl", "T", "H", "D", "fwd", "fwd_bwd", "lower"}`` whose
 callables take no arguments and run an already-jitted function on inputs built here (B=1, H=4,
 K=V=64, float32); the caller blocks on the result (``scripts/bench_kernels.py`` does).
 Implementations: "chunked" (this repo's CPU default), "reference" (the token scan, T <= 4096
@@ -76,7 +76,7 @@ def _closures(fn, args, do):
         o, vjp = jax.vjp(fn, *args)
         return (o,) + vjp(do)
 
-    return (lambda: fwd(*args)), (lambda: fwd_bwd(args, do))
+    return (lambda: fwd(*args)), (lambda: fwd_bwd(args, do)), (lambda: fwd_bwd.lower(args, do))
 
 
 def cases(lengths=LENGTHS, impls=None):
@@ -87,9 +87,9 @@ def cases(lengths=LENGTHS, impls=None):
         for name, fn in _implementations(t).items():
             if impls is not None and name not in impls:
                 continue
-            fwd, fwd_bwd = _closures(fn, args, do)
+            fwd, fwd_bwd, lower = _closures(fn, args, do)
             out.append({"op": "simple_gla", "impl": name, "T": t, "H": H, "D": D, "fwd": fwd,
-                        "fwd_bwd": fwd_bwd})
+                        "fwd_bwd": fwd_bwd, "lower": lower})
     return out
 
 
