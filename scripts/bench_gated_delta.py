@@ -1,8 +1,9 @@
 """Benchmark cases for ``gated_delta_rule`` (consumed by scripts/bench_kernels.py).
 
-``cases()`` returns dicts {"op", "impl", "T", "H", "D", "fwd", "fwd_bwd"}: ``fwd`` and
+``cases()`` returns dicts {"op", "impl", "T", "H", "D", "fwd", "fwd_bwd", "lower"}: ``fwd`` and
 ``fwd_bwd`` are zero-argument callables over jitted functions with inputs prebuilt; each returns
-arrays (call ``jax.block_until_ready`` on the result). B = 1, float32, T in (1024, 4096, 16384),
+arrays (call ``jax.block_until_ready`` on the result); ``lower()`` lowers the forward+backward with
+the inputs as arguments (for XLA's memory analysis). B = 1, float32, T in (1024, 4096, 16384),
 (H, D) in ((4, 64), (2, 128)). Implementations: "chunked", "reference" (T <= 4096), "triton"
 when ``jax.default_backend() == "gpu"``, and the peer package ``jax-linear-attention``'s chunked
 gated delta rule as "peer:jla-chunked" when it is importable.
@@ -88,7 +89,8 @@ def _case(name, fn, T, H, D):
 
     return {"op": OP, "impl": name, "T": T, "H": H, "D": D,
             "fwd": lambda: fwd(q, k, v, g, beta),
-            "fwd_bwd": lambda: fwd_bwd(q, k, v, g, beta, ct)}
+            "fwd_bwd": lambda: fwd_bwd(q, k, v, g, beta, ct),
+            "lower": lambda: fwd_bwd.lower(q, k, v, g, beta, ct)}
 
 
 def cases(lengths=LENGTHS, head_shapes=HEAD_SHAPES, impls=None):

@@ -24,3 +24,33 @@ def _sliding_window_attention(cfg, layer_idx, rngs):
     return Attention(cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                      head_dim=cfg.head_dim, window=cfg.window, rope_theta=cfg.rope_theta,
                      impl=cfg.impl, dtype=_dtype(cfg), rngs=rngs, **cfg.options("swa"))
+
+
+@register_mixer("gdn")
+def _gated_deltanet(cfg, layer_idx, rngs):
+    from layers.gated_deltanet import GatedDeltaNet
+    return GatedDeltaNet(cfg.d_model, num_heads=cfg.num_heads, impl=cfg.impl, dtype=_dtype(cfg),
+                         rngs=rngs, **cfg.options("gdn"))
+
+
+@register_mixer("lightning")
+def _lightning(cfg, layer_idx, rngs):
+    from layers.lightning import Lightning
+    return Lightning(cfg.d_model, num_heads=cfg.num_heads, layer_idx=layer_idx,
+                     n_layers=cfg.n_layers, impl=cfg.impl, dtype=_dtype(cfg), rngs=rngs,
+                     **cfg.options("lightning"))
+
+
+@register_mixer("hedgehog")
+def _hedgehog(cfg, layer_idx, rngs):
+    from layers.hedgehog import Hedgehog
+    return Hedgehog(cfg.d_model, num_heads=cfg.num_heads, impl=cfg.impl, dtype=_dtype(cfg),
+                    rngs=rngs, **cfg.options("hedgehog"))
+
+
+@register_mixer("mamba2")
+def _mamba2(cfg, layer_idx, rngs):
+    from layers.mamba import Mamba2
+    options = {"d_state": min(64, cfg.d_model // 2), **cfg.options("mamba2")}
+    return Mamba2(cfg.d_model, num_heads=cfg.num_heads, impl=cfg.impl, dtype=_dtype(cfg),
+                  rngs=rngs, **options)

@@ -1,0 +1,130 @@
+"""Public gated delta rule: argument checks, implementation choice, and the decoding step.
+
+    S'_t = exp(g_t) S_{t-1};  S_t = S'_t + k_t (β_t (v_t − S'_tᵀ k_t))ᵀ;  o_t = scale S_tᵀ q_t
+
+q, k [B, T, H, K]; v [B, T, HV, V]; g (log decay, <= 0), β (in [0, 1]) [B, T, HV]; HV % H == 0
+and value head j reads q/k head j // (HV / H); state [B, HV, K, V] float32 (key-major).
+
+Implementations (``impl``): "reference" (token scan, the specification; it applies segment
+resets and padding itself), "chunked" (pure JAX, the CPU default), "triton" (Pallas GPU),
+"mosaic_tpu" (Pallas TPU). The last three share one exact input transformation
+(``chunked.canonicalize``): q/k L2-normalised when asked, grouped heads expanded, padding tokens
+(segment id 0) turned into no-ops (g = 0, β = 0, output masked), T padded with zero tokens. The
+Pallas kernels run only the sequential chunk recurrence; the chunk-parallel WY factors are built
+in XLA (``chunked.prepare``), where ``segment_ids`` become masks on the decay matrices and on the
+incoming/outgoing chunk state (exact; see ``chunked.py``), so the kernels themselves never see
+document boundaries.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from pallas_kernels import common
+from pallas_kernels.common import check_float, check_segment_ids, check_shape, expand_groups
+from pallas_kernels.gated_delta.chunked import DEFAULT_CHUNK, gated_delta_rule_chunked
+from pallas_kernels.gated_delta.reference import (gated_delta_rule_reference, l2norm,
+                                                  recurrent_step)
+
+__all__ = ["AVAILABLE", "gated_delta_rule", "gated_delta_rule_step"]
+
+OP = "gated_delta_rule"
+AVAILABLE = ("reference", "chunked", "triton", "mosaic_tpu")
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, segment_ids):
+    """Shape/dtype checks at trace time; returns (B, T, H, HV, K, V)."""
+    check_float(OP, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+    if q.ndim != 4:
+        raise ValueError(f"{OP}: q must have shape [B, T, H, K], got {list(q.shape)}")
+    B, T, H, K = q.shape
+    check_shape(OP, "k", k, (B, T, H, K))
+    if v.ndim != 4:
+        raise ValueError(f"{OP}: v must have shape [B, T, HV, V] = [{B}, {T}, *, *], "
+                         f"got {list(v.shape)}")
+    check_shape(OP, "v", v, (B, T, None, None))
+    HV, V = v.shape[2], v.shape[3]
+    if HV % H != 0:
+        raise ValueError(f"{OP}: value heads HV={HV} (v.shape[2]) must be a multiple of the q/k "
+                         f"heads H={H} (q.shape[2])")
+    check_shape(OP, "g", g, (B, T, HV))
+    check_shape(OP, "beta", beta, (B, T, HV))
+    if initial_state is not None:
+        check_shape(OP, "initial_state", initial_state, (B, HV, K, V))
+    check_segment_ids(OP, segment_ids, B, T)
+    return B, T, H, HV, K, V
+
+
+def _value_checks(g, beta):
+    """checkify: β in [0, 1] and g <= 0 (raised eagerly; under jit, wrap with checkify)."""
+    def check(g, beta):
+        checkify.check(jnp.all((beta >= 0) & (beta <= 1)),
+                       f"{OP}: beta must lie in [0, 1] (sigmoid-ed); got values outside")
+        checkify.check(jnp.all(g <= 0), f"{OP}: g is a log decay and must be <= 0; got g > 0")
+
+    err, _ = checkify.checkify(check)(g, beta)
+    checkify.check_error(err)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
+                     output_final_state=False, use_qk_l2norm=False, segment_ids=None,
+                     impl="auto", interpret=False, debug_checks=False,
+                     chunk_size=DEFAULT_CHUNK):
+    """Gated delta rule over a sequence. Returns (o [B, T, HV, V] in v.dtype, final_state | None).
+
+    ``scale=None`` means K**-0.5. ``initial_state`` [B, HV, K, V] is the state before token 0
+    (first document only). ``segment_ids`` [B, T] packs documents (DESIGN.md §2).
+    ``debug_checks=True`` verifies β in [0, 1] and g <= 0 with ``checkify``: called eagerly it
+    raises ``checkify.JaxRuntimeError``; under ``jax.jit`` wrap the jitted caller in
+    ``checkify.checkify`` and inspect the returned error. ``chunk_size`` applies to "chunked"
+    (the kernels use their own, 64).
+    """
+    _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    name = common.resolve_impl(OP, impl, available=AVAILABLE)
+    if debug_checks:
+        _value_checks(g, beta)
+    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+              use_qk_l2norm=use_qk_l2norm, segment_ids=segment_ids)
+    if name == "reference":
+        return gated_delta_rule_reference(q, k, v, g, beta, **kw)
+    if name == "chunked":
+        return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kw)
+    if name == "triton":
+        from pallas_kernels.gated_delta.gpu import gated_delta_rule_triton
+        return gated_delta_rule_triton(q, k, v, g, beta, interpret=interpret, **kw)
+    from pallas_kernels.gated_delta.tpu import gated_delta_rule_tpu
+    return gated_delta_rule_tpu(q, k, v, g, beta, interpret=interpret, **kw)
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False):
+    """One decoding step of the recurrence (the token-level form of ``reference.py``).
+
+    q, k: [B, H, K]; v: [B, HV, V]; g, beta: [B, HV]; state: [B, HV, K, V].
+    Returns (o [B, HV, V] in v.dtype, new_state [B, HV, K, V] float32).
+    """
+    name = OP + "_step"
+    check_float(name, q=q, k=k, v=v, g=g, beta=beta, state=state)
+    if q.ndim != 3:
+        raise ValueError(f"{name}: q must have shape [B, H, K], got {list(q.shape)}")
+    B, H, K = q.shape
+    check_shape(name, "k", k, (B, H, K))
+    if v.ndim != 3 or v.shape[0] != B:
+        raise ValueError(f"{name}: v must have shape [B, HV, V] = [{B}, *, *], got "
+                         f"{list(v.shape)}")
+    HV, V = v.shape[1], v.shape[2]
+    if HV % H != 0:
+        raise ValueError(f"{name}: value heads HV={HV} (v.shape[1]) must be a multiple of the "
+                         f"q/k heads H={H} (q.shape[1])")
+    check_shape(name, "g", g, (B, HV))
+    check_shape(name, "beta", beta, (B, HV))
+    check_shape(name, "state", state, (B, HV, K, V))
+    scale = K ** -0.5 if scale is None else scale
+    f32 = jnp.float32
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = expand_groups(q.astype(f32), HV, axis=1)                        # [B, HV, K]
+    k = expand_groups(k.astype(f32), HV, axis=1)
+    o, new_state = recurrent_step(q, k, v.astype(f32), g.astype(f32), beta.astype(f32),
+                                  state.astype(f32), scale)
+    return o.astype(v.dtype), new_state
