@@ -2,9 +2,10 @@
 
     python scripts/bench_titans.py            # pinned to one core, prints a table and speedups
 
-``cases()`` returns one dict per (impl, T, memory):
-``{"op": "titans", "impl", "T", "memory": "linear" | "mlp2", "fwd": callable, "fwd_bwd": callable}``
-where the callables run a jitted computation on prebuilt inputs and block until it is done.
+``cases()`` returns one dict per (impl, T, memory): ``{"op": "titans", "impl", "T", "H", "D",
+"memory": "linear" | "mlp2", "fwd", "fwd_bwd", "lower"}`` where ``fwd`` / ``fwd_bwd`` run a jitted
+computation on prebuilt inputs and block until it is done, and ``lower()`` returns the lowered
+fwd+bwd program (inputs as arguments) for ``scripts/bench_kernels.py``'s peak-memory column.
 Shapes: B=1, H=4, Dk=Dv=Dh=64, block size 16, T in (1024, 4096), float32.
 
 For stable numbers run as a script: it pins the process to core 0 and turns off XLA's
@@ -63,15 +64,19 @@ def _case(impl: str, t: int, memory: str) -> dict:
         return y
 
     fwd_jit = jax.jit(forward)
-    grad_jit = jax.jit(jax.grad(lambda a, m: jnp.sum(forward(a, m) * cot), argnums=(0, 1)))
+    grad_jit = jax.jit(jax.grad(lambda a, m, c: jnp.sum(forward(a, m) * c), argnums=(0, 1)))
 
     def fwd():
         return jax.block_until_ready(fwd_jit(args, mem0))
 
     def fwd_bwd():
-        return jax.block_until_ready(grad_jit(args, mem0))
+        return jax.block_until_ready(grad_jit(args, mem0, cot))
 
-    return {"op": "titans", "impl": impl, "T": t, "memory": memory, "fwd": fwd, "fwd_bwd": fwd_bwd}
+    def lower():  # for peak memory: the fwd+bwd program with the inputs as arguments
+        return grad_jit.lower(args, mem0, cot)
+
+    return {"op": "titans", "impl": impl, "T": t, "H": H, "D": D, "memory": memory, "fwd": fwd,
+            "fwd_bwd": fwd_bwd, "lower": lower}
 
 
 def cases() -> list[dict]:
@@ -94,25 +99,33 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    repeats = int(os.environ.get("BENCH_REPEATS", "5"))
+    repeats = int(os.environ.get("BENCH_REPEATS", "3"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "2"))
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, B={B} H={H} D={D} "
-          f"block={BLOCK}, best of {repeats}; times in ms as wall / CPU")
-    rows = {}
+          f"block={BLOCK}, best of {repeats} x {rounds} rounds; ms as wall / CPU")
+    groups: dict = {}
     for case in cases():
-        key = (case["T"], case["memory"], case["impl"])
-        rows[key] = {mode: _time(case[mode], repeats) for mode in ("fwd", "fwd_bwd")}
-        r = rows[key]
-        print(f"T={key[0]:5d} {key[1]:6s} {key[2]:9s} "
-              f"fwd {1e3 * r['fwd'][0]:8.1f} / {1e3 * r['fwd'][1]:8.1f}   "
-              f"fwd+bwd {1e3 * r['fwd_bwd'][0]:8.1f} / {1e3 * r['fwd_bwd'][1]:8.1f}   "
-              f"({key[0] / r['fwd_bwd'][1] / 1e3:6.1f} k tok/s fwd+bwd, CPU)", flush=True)
+        groups.setdefault((case["T"], case["memory"]), []).append(case)
+    rows = {}
+    for (t, memory), group in groups.items():
+        for _ in range(rounds):  # interleave the implementations of one shape
+            for case in group:
+                for mode in ("fwd", "fwd_bwd"):
+                    wall, cpu = _time(case[mode], repeats)
+                    old = rows.get((t, memory, case["impl"], mode), (float("inf"),) * 2)
+                    rows[(t, memory, case["impl"], mode)] = (min(old[0], wall), min(old[1], cpu))
+        for case in group:
+            f, fb = (rows[(t, memory, case["impl"], m)] for m in ("fwd", "fwd_bwd"))
+            print(f"T={t:5d} {memory:6s} {case['impl']:9s} fwd {1e3 * f[0]:8.1f} / "
+                  f"{1e3 * f[1]:8.1f}   fwd+bwd {1e3 * fb[0]:8.1f} / {1e3 * fb[1]:8.1f}   "
+                  f"({t / fb[1] / 1e3:5.1f} k tok/s fwd+bwd, CPU)", flush=True)
     print("speedup of chunked over reference (wall / CPU):")
-    for t in LENGTHS:
-        for memory in MEMORIES:
-            c, r = rows[(t, memory, "chunked")], rows[(t, memory, "reference")]
-            sp = {m: (r[m][0] / c[m][0], r[m][1] / c[m][1]) for m in ("fwd", "fwd_bwd")}
-            print(f"  T={t:5d} {memory:6s} fwd {sp['fwd'][0]:5.1f}x / {sp['fwd'][1]:5.1f}x   "
-                  f"fwd+bwd {sp['fwd_bwd'][0]:5.1f}x / {sp['fwd_bwd'][1]:5.1f}x")
+    for (t, memory) in groups:
+        sp = {m: tuple(r / c for r, c in zip(rows[(t, memory, "reference", m)],
+                                              rows[(t, memory, "chunked", m)]))
+              for m in ("fwd", "fwd_bwd")}
+        print(f"  T={t:5d} {memory:6s} fwd {sp['fwd'][0]:5.1f}x / {sp['fwd'][1]:5.1f}x   "
+              f"fwd+bwd {sp['fwd_bwd'][0]:5.1f}x / {sp['fwd_bwd'][1]:5.1f}x")
 
 
 if __name__ == "__main__":
