@@ -8,28 +8,11 @@ the inputs as arguments (for XLA's memory analysis). B = 1, float32, T in (1024,
 when ``jax.default_backend() == "gpu"``, and the peer package ``jax-linear-attention``'s chunked
 gated delta rule as "peer:jla-chunked" when it is importable.
 
-Run directly for a single-core comparison (interleaved, best of N), e.g.
-
-    python scripts/bench_gated_delta.py --impls chunked,peer:jla-chunked --T 1024,4096,16384
-
-which pins itself to core 0 (``BENCH_CORE`` to change) and turns off XLA's multi-threaded Eigen
-before importing jax (the numbers of FIELD_NOTES.md are taken that way). On CPU it times process
-CPU time by default, which the other processes on a shared machine disturb less than wall time
-(``--clock wall`` for wall time).
+Run them with ``python scripts/bench_kernels.py --ops gated_delta_rule``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
-
-if __name__ == "__main__":                       # must happen before jax is imported
-    os.sched_setaffinity(0, {int(os.environ.get("BENCH_CORE", "0"))})
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false").strip()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -106,50 +89,3 @@ def cases(lengths=LENGTHS, head_shapes=HEAD_SHAPES, impls=None):
                     continue
                 out.append(_case(name, fn, T, H, D))
     return out
-
-
-def _time(fn, reps, clock="auto"):
-    """Best of ``reps``. ``clock="auto"``: on CPU process CPU time (the process is pinned to one
-    core, so it is wall time minus what other processes took from that core), elsewhere wall."""
-    if clock == "auto":
-        clock = "process" if jax.default_backend() == "cpu" else "wall"
-    clock = time.process_time if clock == "process" else time.perf_counter
-    jax.block_until_ready(fn())                 # compile + warm up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = clock()
-        jax.block_until_ready(fn())
-        best = min(best, clock() - t0)
-    return best
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impls", default=None, help="comma list (default: all available)")
-    p.add_argument("--T", default=",".join(map(str, LENGTHS)))
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept")
-    p.add_argument("--clock", choices=("auto", "wall", "process"), default="auto")
-    args = p.parse_args()
-    impls = None if args.impls is None else set(args.impls.split(","))
-    lengths = tuple(int(t) for t in args.T.split(","))
-    print(f"jax {jax.__version__} on {jax.default_backend()}, "
-          f"affinity {sorted(os.sched_getaffinity(0))}")
-    print(f"{'impl':18s} {'T':>6s} {'H':>2s} {'D':>4s} {'fwd tok/s':>12s} {'fwd+bwd tok/s':>14s}")
-    for T in lengths:
-        for H, D in HEAD_SHAPES:
-            group = cases((T,), ((H, D),), impls)
-            best = {c["impl"]: [float("inf"), float("inf")] for c in group}
-            for _ in range(args.rounds):        # interleave implementations
-                for c in group:
-                    b = best[c["impl"]]
-                    b[0] = min(b[0], _time(c["fwd"], args.reps, args.clock))
-                    b[1] = min(b[1], _time(c["fwd_bwd"], args.reps, args.clock))
-            for c in group:
-                f, fb = best[c["impl"]]
-                print(f"{c['impl']:18s} {T:6d} {H:2d} {D:4d} {T / f:12,.0f} {T / fb:14,.0f}",
-                      flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -34,13 +34,13 @@ OPS = {"simple_gla": "bench_simple_gla", "gated_delta_rule": "bench_gated_delta"
 SHAPE_KEYS = ("T", "H", "D", "memory")
 
 
-def _time(fn, reps: int) -> float:
+def _time(fn, reps: int, clock) -> float:
     jax.block_until_ready(fn())  # compile + warm-up
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
@@ -76,15 +76,20 @@ def main():
     p.add_argument("--impls", default="", help="comma list (default: all available)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                   help="cpu: process CPU time (one pinned thread; robust to other jobs on the "
+                        "machine); wall: elapsed time; auto: cpu on the CPU backend, else wall")
     p.add_argument("--out", default="results/bench_kernels.json")
     args = p.parse_args()
+    use_cpu = args.clock == "cpu" or (args.clock == "auto" and jax.default_backend() == "cpu")
+    clock = time.process_time if use_cpu else time.perf_counter
     lengths = {int(t) for t in args.T.split(",") if t}
     impls = {s for s in args.impls.split(",") if s}
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "python": platform.python_version(),
-           "affinity": sorted(os.sched_getaffinity(0))}
+           "affinity": sorted(os.sched_getaffinity(0)), "clock": "cpu" if use_cpu else "wall"}
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    header = f"{'op':18s} {'impl':18s} {'shape':26s} {'fwd ms':>9s} {'f+b ms':>9s} {'f+b tok/s':>11s} {'peak MiB':>9s}"
+    header = f"{'op':18s} {'impl':18s} {'shape':34s} {'fwd ms':>9s} {'f+b ms':>9s} {'f+b tok/s':>11s} {'peak MiB':>9s}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -99,8 +104,8 @@ def main():
             for _ in range(args.rounds):  # interleave implementations
                 for c in group:
                     b = best[id(c)]
-                    b[0] = min(b[0], _time(c["fwd"], args.reps))
-                    b[1] = min(b[1], _time(c["fwd_bwd"], args.reps))
+                    b[0] = min(b[0], _time(c["fwd"], args.reps, clock))
+                    b[1] = min(b[1], _time(c["fwd_bwd"], args.reps, clock))
             for c in group:
                 fwd, fb = best[id(c)]
                 peak = _peak_bytes(c)
@@ -111,7 +116,7 @@ def main():
                 rows.append(row)
                 desc = " ".join(f"{k}={c[k]}" for k in SHAPE_KEYS if k in c)
                 mib = f"{peak / 2**20:9.1f}" if peak is not None else f"{'n/a':>9s}"
-                print(f"{op:18s} {c['impl']:18s} {desc:26s} {fwd * 1e3:9.2f} {fb * 1e3:9.2f} "
+                print(f"{op:18s} {c['impl']:18s} {desc:34s} {fwd * 1e3:9.2f} {fb * 1e3:9.2f} "
                       f"{c['T'] / fb:11,.0f} {mib}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

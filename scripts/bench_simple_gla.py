@@ -10,22 +10,12 @@ only), "triton" (only when the default backend is a GPU) and "peer:jla-chunked" 
 
 fwd_bwd returns the output and the VJP of all of q, k, v, g for a fixed random cotangent.
 
-Run directly for a quick table (pins itself to one core first, as FIELD_NOTES.md advises):
-    python scripts/bench_simple_gla.py [T ...]
-or, with the other ops, ``python scripts/bench_kernels.py --ops simple_gla``.
+Run them with ``python scripts/bench_kernels.py --ops simple_gla``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 
-if __name__ == "__main__":                      # pin before jax starts its threads
-    os.sched_setaffinity(0, {0})
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import time
 
 import jax
 import jax.numpy as jnp
@@ -91,28 +81,3 @@ def cases(lengths=LENGTHS, impls=None):
             out.append({"op": "simple_gla", "impl": name, "T": t, "H": H, "D": D, "fwd": fwd,
                         "fwd_bwd": fwd_bwd, "lower": lower})
     return out
-
-
-def _best(fn, rounds):
-    jax.block_until_ready(fn())                                        # compile
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def main(argv):
-    lengths = tuple(int(a) for a in argv) or LENGTHS
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, B={B} H={H} D={D} float32")
-    print(f"{'impl':>16} {'T':>6} {'fwd tok/s':>12} {'fwd+bwd tok/s':>14}")
-    for case in cases(lengths):
-        t_f, t_fb = _best(case["fwd"], 5), _best(case["fwd_bwd"], 5)
-        n = B * case["T"]
-        print(f"{case['impl']:>16} {case['T']:>6} {n / t_f:>12,.0f} {n / t_fb:>14,.0f}",
-              flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
