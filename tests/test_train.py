@@ -95,3 +95,14 @@ def test_cli_unknown_field_names_the_known_ones():
     assert out.returncode != 0
     assert "unknown config field 'config.train.stepz'" in out.stderr
     assert "'steps'" in out.stderr
+
+
+def test_bf16_compute_keeps_float32_parameters(tmp_path):
+    cfg = tiny_config(steps=3)
+    cfg.model.dtype = "bfloat16"
+    cfg.model.layer_types = ("gdn", "attn")
+    final = train_and_evaluate(cfg, str(tmp_path))
+    assert np.isfinite(final["train_loss"]) and np.isfinite(final["eval_loss"])
+    from train.restore import restore_run
+    params = restore_run(str(tmp_path)).params
+    assert params["blocks"][0]["mixer"]["q_proj"]["w"].dtype == np.float32
