@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from layers.common import Linear, RMSNorm
@@ -35,14 +36,16 @@ def alibi_slopes(n_heads: int) -> list[float]:
     return pow2(n) + pow2(2 * n)[0::2][: n_heads - n]
 
 
-def lightning_decay(n_heads: int, layer_idx: int, n_layers: int, rule: str = "tnl") -> jnp.ndarray:
-    """Per-head log decay g_h (<= 0) for layer `layer_idx` (0-based) of `n_layers`."""
+def lightning_decay(n_heads: int, layer_idx: int, n_layers: int, rule: str = "tnl") -> np.ndarray:
+    """Per-head log decay g_h (<= 0) for layer `layer_idx` (0-based) of `n_layers`.
+
+    NumPy, not jnp: the decays are constants of the architecture, computed at construction
+    (which may run under `jit`)."""
     if rule == "tnl":
         ratio = 0.0 if n_layers == 1 else layer_idx / (n_layers - 1)
-        slopes = jnp.asarray(alibi_slopes(n_heads), jnp.float32) * (1.0 - ratio + 1e-5)
-        return -slopes
+        return -np.asarray(alibi_slopes(n_heads)) * (1.0 - ratio + 1e-5)
     if rule == "fla":
-        h = jnp.arange(n_heads, dtype=jnp.float32)
+        h = np.arange(n_heads, dtype=np.float64)
         return -(8.0 * h / n_heads) * (1.0 - layer_idx / n_layers)
     raise ValueError(f"Lightning: decay rule {rule!r} is not one of ('tnl', 'fla')")
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "IMPLS",
@@ -23,6 +26,7 @@ __all__ = [
     "pad_axis",
     "next_pow2",
     "expand_groups",
+    "shard_over_batch",
 ]
 
 IMPLS = ("auto", "reference", "chunked", "xla", "triton", "mosaic_tpu", "mosaic_gpu")
@@ -108,3 +112,25 @@ def expand_groups(x: jax.Array, n_heads: int, axis: int = 2) -> jax.Array:
     if groups == n_heads:
         return x
     return jnp.repeat(x, n_heads // groups, axis=axis)
+
+
+BATCH_MESH_AXES = ("data", "fsdp")
+
+
+def shard_over_batch(fn, *arrays):
+    """Call ``fn(*arrays)`` once per batch shard under the current mesh.
+
+    `pallas_call` has no partitioning rule, so under a sharded `jit` a Pallas kernel runs inside
+    `shard_map` over the batch axes ("data", "fsdp") of the mesh set with `jax.set_mesh`. Every
+    array (and every output) has the batch as its leading dimension; None entries pass through.
+    Without a multi-device mesh, or when the batch does not split evenly, `fn` is called as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*arrays)
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    batch = next(x.shape[0] for x in arrays if x is not None)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return fn(*arrays)
+    spec = P(axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*arrays)

@@ -106,3 +106,13 @@ def test_bf16_compute_keeps_float32_parameters(tmp_path):
     from train.restore import restore_run
     params = restore_run(str(tmp_path)).params
     assert params["blocks"][0]["mixer"]["q_proj"]["w"].dtype == np.float32
+
+
+def test_pallas_kernels_run_per_batch_shard_under_a_mesh():
+    """pallas_call has no partitioning rule: the ops wrap kernels in shard_map over the batch."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_kernels.py")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(errors) == 4 and max(errors.values()) < 1e-3, errors

@@ -91,10 +91,19 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     if name == "chunked":
         return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kw)
     if name == "triton":
-        from pallas_kernels.gated_delta.gpu import gated_delta_rule_triton
-        return gated_delta_rule_triton(q, k, v, g, beta, interpret=interpret, **kw)
-    from pallas_kernels.gated_delta.tpu import gated_delta_rule_tpu
-    return gated_delta_rule_tpu(q, k, v, g, beta, interpret=interpret, **kw)
+        from pallas_kernels.gated_delta.gpu import gated_delta_rule_triton as kernel
+    else:
+        from pallas_kernels.gated_delta.tpu import gated_delta_rule_tpu as kernel
+    kw.pop("initial_state"), kw.pop("segment_ids")
+
+    def run(q, k, v, g, beta, s0, seg):
+        o, s_final = kernel(q, k, v, g, beta, initial_state=s0, segment_ids=seg,
+                            interpret=interpret, **kw)
+        # shard_map needs a batch-leading output for every entry: carry a dummy state.
+        return o, (s_final if s_final is not None else jnp.zeros((q.shape[0],), jnp.float32))
+
+    o, s_final = common.shard_over_batch(run, q, k, v, g, beta, initial_state, segment_ids)
+    return o, (s_final if output_final_state else None)
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False):

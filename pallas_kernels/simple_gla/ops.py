@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from pallas_kernels.common import (check_float, check_segment_ids, check_shape, expand_groups,
-                                   next_pow2, pad_axis, resolve_impl, segment_masks)
+                                   next_pow2, pad_axis, resolve_impl, segment_masks,
+                                   shard_over_batch)
 from pallas_kernels.simple_gla import chunked as _chunked
 from pallas_kernels.simple_gla import gpu as _gpu
 from pallas_kernels.simple_gla import tpu as _tpu
@@ -197,8 +198,10 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
                                                  initial_state=initial_state,
                                                  segment_ids=segment_ids)
     else:
-        o, s_final = _simple_gla_kernel(impl, q, k, v, g, scale, initial_state, segment_ids,
-                                        interpret)
+        o, s_final = shard_over_batch(
+            lambda q, k, v, g, s0, seg: _simple_gla_kernel(impl, q, k, v, g, scale, s0, seg,
+                                                           interpret),
+            q, k, v, g, initial_state, segment_ids)
     return o, (s_final if output_final_state else None)
 
 
