@@ -76,13 +76,19 @@ def test_two_layer_model_trains(name):
 
 
 def test_generation_with_caches_equals_repeated_forward_for_every_mixer():
+    """Greedy decoding with caches == argmax of a full forward pass over the growing sequence
+    (right-padded to one length, padding masked by segment_ids, so it compiles once)."""
     from zoo import generate
     model = LM(_cfg(MIXERS), rngs=nnx.Rngs(0))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42]]
-    out = generate(model, prompts, 5, greedy=True)
+    new = 4
+    out = generate(model, prompts, new, greedy=True)
+    length = max(map(len, prompts)) + new
+    forward = nnx.jit(lambda m, toks, seg: m(toks, segment_ids=seg)[0])
     for prompt, row in zip(prompts, out):
         seq = list(prompt)
-        for _ in range(5):
-            logits, _ = model(jnp.array([seq]))
-            seq.append(int(jnp.argmax(logits[0, -1])))
+        for _ in range(new):
+            toks = jnp.zeros((1, length), jnp.int32).at[0, :len(seq)].set(jnp.array(seq))
+            seg = (jnp.arange(length) < len(seq)).astype(jnp.int32)[None]
+            seq.append(int(jnp.argmax(forward(model, toks, seg)[0, len(seq) - 1])))
         assert list(row) == seq[len(prompt):]

@@ -54,3 +54,28 @@ def _mamba2(cfg, layer_idx, rngs):
     options = {"d_state": min(64, cfg.d_model // 2), **cfg.options("mamba2")}
     return Mamba2(cfg.d_model, num_heads=cfg.num_heads, impl=cfg.impl, dtype=_dtype(cfg),
                   rngs=rngs, **options)
+
+
+@register_mixer("titans")
+def _titans(cfg, layer_idx, rngs):
+    from layers.titans import Titans
+    return Titans(cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim, impl=cfg.impl,
+                  dtype=_dtype(cfg), rngs=rngs, **cfg.options("titans"))
+
+
+@register_mixer("titans_mag")
+def _titans_mag(cfg, layer_idx, rngs):
+    from layers.titans_variants import TitansMAG
+    options = {"window": cfg.window, **cfg.options("titans_mag")}
+    return TitansMAG(cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                     rope_theta=cfg.rope_theta, impl=cfg.impl, dtype=_dtype(cfg), rngs=rngs,
+                     **options)
+
+
+@register_mixer("titans_mac")
+def _titans_mac(cfg, layer_idx, rngs):
+    from layers.titans_variants import TitansMAC
+    options = {"segment_len": cfg.window, **cfg.options("titans_mac")}
+    return TitansMAC(cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                     rope_theta=cfg.rope_theta, impl=cfg.impl, dtype=_dtype(cfg), rngs=rngs,
+                     **options)

@@ -1,0 +1,199 @@
+"""Titans neural long-term memory (Behrouz et al., "Titans: Learning to Memorize at Test Time"):
+the memory core shared by every Titans mixer, and the memory-as-a-layer mixer (`titans`).
+
+Memory core, per head h (D = head_dim):
+
+    q, k, v = SiLU(conv4([x W_q | x W_k | x W_v]))                     # causal, depthwise
+    q, k = q / ‖q‖, k / ‖k‖                                            # x / sqrt(Σx² + 1e-6)
+    θ_t = θ_max · σ(x_t W_θ + b_θ)    (learning rate)                  # [B, T, H]
+    η_t = σ(x_t W_η + b_η)            (momentum, η ≈ 0.9 at init)
+    α_t = σ(x_t W_α + b_α)            (forgetting, α ≈ 0.02 at init)
+    G_t = ∇_M ‖M(k_t) − v_t‖²  (taken at the memory of the gradient block's start)
+    S_t = η_t S_{t−1} − θ_t G_t,   M_t = (1 − α_t) M_{t−1} + S_t,   y_t = M_t(q_t)
+
+M is linear (`memory_depth=1`, M(x) = x W) or a bias-free MLP of depth ≥ 2 with hidden width
+`memory_hidden` and activation `activation`; its learned initial value `memory0` is also the
+state every document starts from. With unit keys the loss curvature along k is 2 (ℓ' = 2k(Mk − v)),
+so heavy-ball momentum is stable for θ < 1 + η; θ_max = 0.5 keeps well inside that. The recurrence
+is the `titans` op (`pallas_kernels/titans`), block-parallel within gradient blocks of
+`block_size` tokens (default 16).
+
+`Titans` (mixer `titans`, memory as a layer):
+
+    y = (RMSNorm_head(y_mem) ⊙ SiLU(x W_gate)) W_o
+
+MAL (memory as a layer followed by attention) is `layer_types = (..., "titans", "swa", ...)`.
+There are no persistent tokens here: prepending fixed learned tokens to the memory's input stream
+only moves the memory to a fixed state before the first real token — a learned initial memory,
+which `memory0` already is. (MAG and MAC, in `layers/titans_variants.py`, put persistent tokens
+into their attention as always-visible sinks.)
+
+Weight decay: the θ/η/α projections (weights and biases) are tagged `no_decay` — they set the
+memory's operating point; norms and biases too. The cache is the short-convolution inputs and the
+op's state dict {memory, momentum, block_start, pos}; decoding (T = 1) uses `titans_step`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.common import CausalConv1d, GatedRMSNorm, Linear, make_param
+from pallas_kernels.titans import ACTIVATIONS, init_state, memory_names, titans, titans_step
+
+__all__ = ["NeuralMemory", "Titans", "memory_read"]
+
+# The op and its step, jitted: eager callers compile one program per shape instead of dispatching
+# each primitive (under an outer jit these are inlined).
+_STATIC = ("block_size", "output_final_state", "impl", "activation")
+_titans = jax.jit(titans, static_argnames=_STATIC)
+_titans_step = jax.jit(titans_step, static_argnames=("block_size", "activation"))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _l2norm(x, eps: float = 1e-6):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def memory_read(weights: dict, x, activation: str = "silu"):
+    """M(x) for memory weights {name: [B, H, d, d'] or [H, d, d']} and x [B, T, H, Dk].
+
+    Returns [B, T, H, Dv] float32: the map the op applies (act between layers, none after the
+    last)."""
+    act = ACTIVATIONS[activation]
+    names = memory_names(weights)
+    h = x.astype(jnp.float32)
+    for i, name in enumerate(names):
+        w = weights[name].astype(jnp.float32)
+        h = jnp.einsum("bthi,bhio->btho" if w.ndim == 4 else "bthi,hio->btho", h, w)
+        if i < len(names) - 1:
+            h = act(h)
+    return h
+
+
+class NeuralMemory(nnx.Module):
+    """The memory core: projections, short convolution, gates, learned memory0, the op call.
+
+    Used by `Titans` and by the MAG / MAC variants; it has no output projection of its own.
+    """
+
+    def __init__(self, d_model: int, *, num_heads: int, head_dim: int | None = None,
+                 memory_depth: int = 2, memory_hidden: int | None = None,
+                 activation: str = "silu", block_size: int = 16, conv_size: int = 4,
+                 theta_max: float = 0.5, theta_init: float = 0.1, eta_init: float = 0.9,
+                 alpha_init: float = 0.02, impl: str = "auto", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        head_dim = head_dim or d_model // num_heads
+        if memory_depth < 1:
+            raise ValueError(f"NeuralMemory: memory_depth must be >= 1, got {memory_depth}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"NeuralMemory: activation {activation!r} is not one of "
+                             f"{tuple(ACTIVATIONS)}")
+        if not 0.0 < theta_init < theta_max:
+            raise ValueError(f"NeuralMemory: need 0 < theta_init ({theta_init}) < theta_max "
+                             f"({theta_max})")
+        self.h, self.d = num_heads, head_dim
+        self.block_size, self.activation, self.theta_max = block_size, activation, theta_max
+        self.impl, self.dtype = impl, dtype
+        hd = num_heads * head_dim
+        lin = lambda: Linear(d_model, hd, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = lin(), lin(), lin()
+        self.conv = CausalConv1d(3 * hd, conv_size, activation=True, dtype=dtype, rngs=rngs)
+        # θ, η, α: one fused projection d_model -> [3, H], biases set the initial operating point.
+        gate_init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal",
+                                                      in_axis=0, out_axis=(1, 2))
+        self.gate_w = make_param(rngs, gate_init, (d_model, 3, num_heads), ("embed", None, "heads"),
+                                 no_decay=True)
+        bias = jnp.array([_logit(theta_init / theta_max), _logit(eta_init), _logit(alpha_init)],
+                         jnp.float32)
+        self.gate_b = make_param(None, jnp.broadcast_to(bias[:, None], (3, num_heads)),
+                                 (3, num_heads), (None, "heads"), no_decay=True)
+        # Learned initial memory: {"w": [H, D, D]} or {"w0": [H, D, Dh], ..., "w{L-1}": [H, Dh, D]}.
+        hidden = memory_hidden or head_dim
+        dims = [head_dim] + [hidden] * (memory_depth - 1) + [head_dim]
+        names = ("w",) if memory_depth == 1 else tuple(f"w{i}" for i in range(memory_depth))
+        self.memory_names = names
+        w_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                   in_axis=-2, out_axis=-1, batch_axis=(0,))
+        for i, name in enumerate(names):
+            setattr(self, f"memory0_{name}", make_param(
+                rngs, w_init, (num_heads, dims[i], dims[i + 1]), ("heads", None, None)))
+
+    def memory0(self) -> dict:
+        """The learned initial memory {name: [H, d, d']} (float32)."""
+        return {name: getattr(self, f"memory0_{name}")[...] for name in self.memory_names}
+
+    def init_state(self, batch: int) -> dict:
+        """The op state of a fresh row: memory = block_start = memory0, momentum 0, pos 0."""
+        return init_state(self.memory0(), batch)
+
+    def init_conv_cache(self, batch: int, dtype=jnp.float32):
+        return self.conv.init_cache(batch, dtype)
+
+    def project(self, x, *, segment_ids=None, conv_cache=None):
+        """x [B, T, d_model] -> (q, k, v [B, T, H, D], (θ, η, α) [B, T, H] f32, conv cache)."""
+        b, t, _ = x.shape
+        qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        qkv, conv_cache = self.conv(qkv, segment_ids=segment_ids, cache=conv_cache)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.h, self.d), 3, axis=2)  # [B, T, 1, H, D]
+        q, k, v = _l2norm(q[:, :, 0]), _l2norm(k[:, :, 0]), v[:, :, 0]  # [B, T, H, D]
+        logits = jnp.einsum("btd,dgh->btgh", x.astype(jnp.float32), self.gate_w[...])
+        gates = jax.nn.sigmoid(logits + self.gate_b[...])  # [B, T, 3, H]
+        theta = self.theta_max * gates[:, :, 0]
+        return q, k, v, (theta, gates[:, :, 1], gates[:, :, 2]), conv_cache
+
+    def recur(self, q, k, v, gates, *, segment_ids=None, state=None, final_state=False):
+        """The memory over a sequence: (y [B, T, H, D], state or None).
+
+        ``state`` (an op state dict) continues a row; a single token without ``segment_ids`` takes
+        the op's step form. ``final_state`` asks for the state after the last real token."""
+        theta, eta, alpha = gates
+        if state is not None and q.shape[1] == 1 and segment_ids is None:
+            y, new = _titans_step(q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0],
+                                 state, self.memory0(), block_size=self.block_size,
+                                 activation=self.activation)
+            return y[:, None], new
+        return _titans(q, k, v, theta, eta, alpha, self.memory0(), block_size=self.block_size,
+                      initial_state=state, output_final_state=final_state or state is not None,
+                      segment_ids=segment_ids, impl=self.impl, activation=self.activation)
+
+
+class Titans(nnx.Module):
+    """Memory as a layer: y = (RMSNorm_head(M_t(q_t)) ⊙ SiLU(x W_gate)) W_o (module docstring)."""
+
+    def __init__(self, d_model: int, *, num_heads: int, head_dim: int | None = None,
+                 memory_depth: int = 2, memory_hidden: int | None = None,
+                 activation: str = "silu", block_size: int = 16, conv_size: int = 4,
+                 theta_max: float = 0.5, norm_eps: float = 1e-5, impl: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.memory = NeuralMemory(d_model, num_heads=num_heads, head_dim=head_dim,
+                                   memory_depth=memory_depth, memory_hidden=memory_hidden,
+                                   activation=activation, block_size=block_size,
+                                   conv_size=conv_size, theta_max=theta_max, impl=impl,
+                                   dtype=dtype, rngs=rngs)
+        hd = num_heads * self.memory.d
+        self.g_proj = Linear(d_model, hd, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.o_norm = GatedRMSNorm(hd, group_size=self.memory.d, eps=norm_eps, dtype=dtype)
+        self.o_proj = Linear(hd, d_model, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
+        return {"conv": self.memory.init_conv_cache(batch, dtype),
+                "memory": self.memory.init_state(batch)}
+
+    def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
+        """x [B, T, d_model] -> (y [B, T, d_model], cache). `positions` is not used."""
+        b, t, _ = x.shape
+        q, k, v, gates, conv_cache = self.memory.project(
+            x, segment_ids=segment_ids, conv_cache=None if cache is None else cache["conv"])
+        y, state = self.memory.recur(q, k, v, gates, segment_ids=segment_ids,
+                                     state=None if cache is None else cache["memory"])
+        y = self.o_norm(y.reshape(b, t, -1), self.g_proj(x))  # [B, T, H·D]
+        new_cache = None if cache is None else {"conv": conv_cache, "memory": state}
+        return self.o_proj(y), new_cache
