@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from tests.tolerance import assert_close
-from zoo import LM, ModelConfig, cross_entropy, get_mixer, known_mixers
+from zoo import LM, ModelConfig, cross_entropy, get_mixer, hybrid_pattern, known_mixers
 
 D_MODEL, HEADS = 32, 2
 
@@ -55,9 +55,11 @@ def test_packing_equals_separate_sequences(name):
     assert_close(packed[:, 5:11], b, jnp.float32, name=f"{name} doc 2")
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", MIXERS + ("gdn 3:1 hybrid",))
 def test_two_layer_model_trains(name):
-    model = LM(_cfg((name, name)), rngs=nnx.Rngs(0))
+    """Every mixer in a 2-layer model, and a 4-layer 3:1 GDN/attention hybrid."""
+    layer_types = hybrid_pattern(4, "gdn", 3) if name == "gdn 3:1 hybrid" else (name, name)
+    model = LM(_cfg(layer_types), rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     toks = jnp.sort(jax.random.randint(jax.random.key(0), (4, 25), 0, 16), axis=1)
 
