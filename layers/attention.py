@@ -19,7 +19,32 @@ from flax import nnx
 from layers.common import Linear, RMSNorm, positions_from_segments, rotary_embedding, valid_lengths
 from pallas_kernels.attention import attention
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "init_kv_cache", "write_kv_cache"]
+
+
+def init_kv_cache(batch: int, slots: int, names, heads: int, dim: int, dtype) -> dict:
+    """Empty KV slots: one [B, slots, heads, dim] array per name, and `slot_pos` [B, slots]
+    (the absolute position held by each slot, −1 = empty)."""
+    cache = {n: jnp.zeros((batch, slots, heads, dim), dtype) for n in names}
+    cache["slot_pos"] = jnp.full((batch, slots), -1, jnp.int32)
+    return cache
+
+
+def write_kv_cache(cache: dict, new: dict, q_pos, valid, n_new) -> dict:
+    """Write the last `slots` real tokens of each row at slot = position mod slots: a ring
+    buffer for sliding windows, and slot = position for a full cache (positions < slots).
+
+    new: name -> [B, T, heads, dim]; q_pos [B, T] positions; valid [B, T]; n_new [B] real tokens.
+    """
+    b, t = q_pos.shape
+    slots = cache["slot_pos"].shape[1]
+    keep = valid & (jnp.arange(t)[None] >= n_new[:, None] - slots)
+    slot = jnp.where(keep, q_pos % slots, slots)  # slot index `slots` is dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    out = {n: cache[n].at[rows, slot].set(x.astype(cache[n].dtype), mode="drop")
+           for n, x in new.items()}
+    out["slot_pos"] = cache["slot_pos"].at[rows, slot].set(q_pos, mode="drop")
+    return out
 
 
 class Attention(nnx.Module):
@@ -50,9 +75,7 @@ class Attention(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         """Empty cache: `window` ring slots for SWA, `max_len` slots otherwise."""
         slots = min(self.window, max_len) if self.window else max_len
-        shape = (batch, slots, self.num_kv_heads, self.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "slot_pos": jnp.full((batch, slots), -1, jnp.int32),
+        return {**init_kv_cache(batch, slots, ("k", "v"), self.num_kv_heads, self.head_dim, dtype),
                 "length": jnp.zeros((batch,), jnp.int32)}
 
     def _project(self, x, positions):
@@ -95,16 +118,6 @@ class Attention(nnx.Module):
                       kv_positions=kv_pos, window=self.window, impl=self.impl)
         y = self.o_proj(o.reshape(b, t, -1))
 
-        # Write the tokens that stay in the cache: the last `slots` real tokens of each row.
-        slots = cache["k"].shape[1]
-        t_idx = jnp.arange(t)[None]
-        keep = valid & (t_idx >= n_new[:, None] - slots)
-        slot = jnp.where(keep, q_pos % slots if self.window else q_pos, slots)  # slots => dropped
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-        new_cache = {
-            "k": cache["k"].at[rows, slot].set(k.astype(cache["k"].dtype), mode="drop"),
-            "v": cache["v"].at[rows, slot].set(v.astype(cache["v"].dtype), mode="drop"),
-            "slot_pos": cache["slot_pos"].at[rows, slot].set(q_pos, mode="drop"),
-            "length": length + n_new,
-        }
+        new_cache = {**write_kv_cache(cache, {"k": k, "v": v}, q_pos, valid, n_new),
+                     "length": length + n_new}
         return y, new_cache

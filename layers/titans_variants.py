@@ -57,6 +57,7 @@ from flax import nnx
 
 from layers.common import (GatedRMSNorm, Linear, RMSNorm, make_param, positions_from_segments,
                            rotary_embedding, valid_lengths)
+from layers.attention import init_kv_cache, write_kv_cache
 from layers.titans import NeuralMemory, memory_read
 from pallas_kernels.attention import attention
 from pallas_kernels.common import pad_axis
@@ -124,25 +125,6 @@ def _sink_attention(q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, *, window, imp
         kv_seg = jnp.concatenate([jnp.ones((b, p), kv_seg.dtype), kv_seg], axis=1)
     return attention(q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
                      kv_positions=kv_pos, window=window, kv_sinks=p, impl=impl)
-
-
-def _ring_init(batch, slots, names, heads, dim, dtype):
-    cache = {n: jnp.zeros((batch, slots, heads, dim), dtype) for n in names}
-    cache["slot_pos"] = jnp.full((batch, slots), -1, jnp.int32)
-    return cache
-
-
-def _ring_write(cache, new: dict, q_pos, valid, n_new):
-    """Write the last `slots` real tokens of each row (slot = position mod slots)."""
-    b, t = q_pos.shape
-    slots = cache["slot_pos"].shape[1]
-    keep = valid & (jnp.arange(t)[None] >= n_new[:, None] - slots)
-    slot = jnp.where(keep, q_pos % slots, slots)  # slots => dropped
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    out = {n: cache[n].at[rows, slot].set(x.astype(cache[n].dtype), mode="drop")
-           for n, x in new.items()}
-    out["slot_pos"] = cache["slot_pos"].at[rows, slot].set(q_pos, mode="drop")
-    return out
 
 
 @functools.partial(jax.jit, static_argnames=("c", "block_size", "impl", "activation"))
@@ -255,7 +237,7 @@ class TitansMAG(_TitansAttentionBase):
         slots = min(self.window, max_len)
         return {"conv": self.memory.init_conv_cache(batch, dtype),
                 "memory": self.memory.init_state(batch),
-                "attn": _ring_init(batch, slots, ("k", "v"), self.h, self.d, dtype),
+                "attn": init_kv_cache(batch, slots, ("k", "v"), self.h, self.d, dtype),
                 "length": jnp.zeros((batch,), jnp.int32)}
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
@@ -287,7 +269,7 @@ class TitansMAG(_TitansAttentionBase):
                 kv_pos=kv_pos, q_seg=valid.astype(jnp.int32),
                 kv_seg=(kv_pos >= 0).astype(jnp.int32), window=self.window)
             new_cache = {"conv": conv_cache, "memory": state,
-                         "attn": _ring_write(ring, {"k": ka, "v": va}, q_pos, valid, n_new),
+                         "attn": write_kv_cache(ring, {"k": ka, "v": va}, q_pos, valid, n_new),
                          "length": cache["length"] + n_new}
         g = jax.nn.sigmoid(self.mix_proj(x).astype(jnp.float32)).reshape(b, t, self.h, self.d)
         y = g * self.mem_norm(y_mem) + (1.0 - g) * self.attn_norm(a)  # [B, T, H, D]
@@ -324,7 +306,7 @@ class TitansMAC(_TitansAttentionBase):
         return {"conv": self.memory.init_conv_cache(batch, dtype),
                 "memory": self.memory.init_state(batch),
                 "snapshot": {n: jnp.broadcast_to(w, (batch,) + w.shape) for n, w in mem0.items()},
-                "attn": _ring_init(batch, self.segment_len, ("hk", "hv", "k", "v"), self.h,
+                "attn": init_kv_cache(batch, self.segment_len, ("hk", "hv", "k", "v"), self.h,
                                    self.d, dtype),
                 "length": jnp.zeros((batch,), jnp.int32)}
 
@@ -441,6 +423,6 @@ class TitansMAC(_TitansAttentionBase):
         o = self.attn.attend(qa, cat(hk, ka, "k"), cat(hv, va, "v"), q_pos=q_pos, kv_pos=kv_pos,
                              q_seg=jnp.where(valid, q_pos // c + 1, 0),
                              kv_seg=jnp.where(kv_pos >= 0, kv_pos // c + 1, 0))
-        new_ring = _ring_write(ring, {"hk": hk, "hv": hv, "k": ka, "v": va}, q_pos, valid, n_new)
+        new_ring = write_kv_cache(ring, {"hk": hk, "hv": hv, "k": ka, "v": va}, q_pos, valid, n_new)
         return o, {"conv": conv_cache, "memory": state, "snapshot": snapshot, "attn": new_ring,
                    "length": length + n_new}
