@@ -162,8 +162,10 @@ def check_tasks(r: Restored, tasks, mqar_file: str | None, passkey_lengths) -> N
 
 
 def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file=None,
-             mqar_examples=256, passkey_lengths=None, passkey_trials=4, batch_size=16,
-             max_batches=16, max_new_tokens=64) -> dict:
+             mqar_examples=256, passkey_lengths=None, passkey_trials=4, batch_size=None,
+             max_batches=None, max_new_tokens=64) -> dict:
+    """Run `tasks` on the checkpoint of `workdir`; batch_size and max_batches default to the
+    run's own train.batch_size and train.eval_batches (so `ppl` matches the end-of-run eval)."""
     tasks = tuple(tasks)
     if not os.path.isdir(workdir):
         raise CheckpointError(f"--workdir {workdir!r} does not exist")
@@ -171,6 +173,8 @@ def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file
     if r.tokenizer.to_dict()["type"] == "ids":
         tasks = tuple(t for t in tasks if t != "passkey") if tasks == TASKS else tasks
     check_tasks(r, tasks, mqar_file, passkey_lengths)
+    batch_size = int(batch_size or r.config.train.batch_size)
+    max_batches = int(max_batches or r.config.train.eval_batches)
     seq_len = int(r.config.data.seq_len)
     lengths = passkey_lengths or [seq_len // 2, seq_len, 2 * seq_len]
     results = {}
@@ -213,7 +217,7 @@ _MQAR_FILE = flags.DEFINE_string("mqar_file", None, "npz with int arrays inputs,
 _MQAR_EXAMPLES = flags.DEFINE_integer("mqar_examples", 256, "examples per MQAR cell")
 _PASSKEY_LENGTHS = flags.DEFINE_list("passkey_lengths", None, "prompt lengths in tokens")
 _PASSKEY_TRIALS = flags.DEFINE_integer("passkey_trials", 4, "prompts per (length, depth)")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "evaluation batch size")
+_BATCH = flags.DEFINE_integer("batch_size", None, "evaluation batch size (default: the run's)")
 
 
 def main(argv):

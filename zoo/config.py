@@ -26,6 +26,18 @@ def hybrid_pattern(n_layers: int, mixer: str, ratio: int, attention: str = "attn
     return tuple(attention if (i + 1) % (ratio + 1) == 0 else mixer for i in range(n_layers))
 
 
+def _freeze(options) -> tuple:
+    """{mixer: {option: value}} (or its frozen form) -> sorted nested tuples; list values become
+    tuples."""
+    items = options.items() if hasattr(options, "items") else options
+    out = []
+    for mixer, opts in items:
+        opts = opts.items() if hasattr(opts, "items") else opts
+        out.append((mixer, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                        for k, v in opts))))
+    return tuple(sorted(out))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
@@ -44,7 +56,9 @@ class ModelConfig:
     dtype: str = "float32"           # compute dtype; parameters stay float32
     impl: str = "auto"               # op implementation passed to every layer
     remat: bool = False
-    mixer_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # ((mixer, ((option, value), ...)), ...): a frozen mapping, so the config (and the model's
+    # graphdef) stays hashable for jit's static arguments.
+    mixer_options: tuple = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -56,7 +70,7 @@ class ModelConfig:
         if "layer_types" in kw:
             kw["layer_types"] = tuple(kw["layer_types"])
         if "mixer_options" in kw:
-            kw["mixer_options"] = {k: dict(v) for k, v in dict(kw["mixer_options"]).items()}
+            kw["mixer_options"] = _freeze(kw["mixer_options"])
         return cls(**kw).resolved()
 
     def resolved(self) -> "ModelConfig":
@@ -93,4 +107,4 @@ class ModelConfig:
                                    d_ff=d_ff, layer_types=tuple(layer_types))
 
     def options(self, mixer: str) -> dict:
-        return dict(self.mixer_options.get(mixer, {}))
+        return dict(dict(self.mixer_options).get(mixer, ()))

@@ -8,6 +8,7 @@ parallel form, then decode one token at a time with the recurrent form.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -48,34 +49,40 @@ def pad_prompts(prompts: Sequence[Sequence[int]]):
     return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
+                                             "top_k", "top_p", "greedy", "cache_dtype"))
+def _generate(state, tokens, lengths, key, *, graphdef, max_new_tokens, temperature, top_k, top_p,
+              greedy, cache_dtype):
+    """Prefill [B, T] right-padded prompts, then decode; jitted once per shape and settings."""
+    b, t = tokens.shape
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                               greedy=greedy)
+    m = nnx.merge(graphdef, state)
+    cache = m.init_cache(b, t + max_new_tokens, cache_dtype)
+    seg = (jnp.arange(t)[None] < lengths[:, None]).astype(jnp.int32)
+    logits, cache = m(tokens, segment_ids=seg, cache=cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    key, sub = jax.random.split(key)
+    first = sample(last, sub)
+
+    def step(carry, _):
+        tok, cache, key = carry
+        logits, cache = m(tok[:, None], cache=cache)
+        key, sub = jax.random.split(key)
+        return (sample(logits[:, 0], sub), cache, key), tok
+
+    _, out = jax.lax.scan(step, (first, cache, key), None, length=max_new_tokens)
+    return out.T  # [B, max_new_tokens]
+
+
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              seed: int = 0, cache_dtype=jnp.float32) -> np.ndarray:
     """Continue each prompt by `max_new_tokens` tokens. Returns [B, max_new_tokens] int32."""
     tokens, lengths = pad_prompts(prompts)
-    b, t = tokens.shape
     graphdef, state = nnx.split(model)
-    sample = lambda logits, key: sample_logits(logits, key, temperature=temperature, top_k=top_k,
-                                               top_p=top_p, greedy=greedy)
-
-    @jax.jit
-    def run(state, tokens, lengths, key):
-        m = nnx.merge(graphdef, state)
-        cache = m.init_cache(b, t + max_new_tokens, cache_dtype)
-        seg = (jnp.arange(t)[None] < lengths[:, None]).astype(jnp.int32)
-        logits, cache = m(tokens, segment_ids=seg, cache=cache)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
-        key, sub = jax.random.split(key)
-        first = sample(last, sub)
-
-        def step(carry, _):
-            tok, cache, key = carry
-            logits, cache = m(tok[:, None], cache=cache)
-            key, sub = jax.random.split(key)
-            nxt = sample(logits[:, 0], sub)
-            return (nxt, cache, key), tok
-
-        (_, _, _), out = jax.lax.scan(step, (first, cache, key), None, length=max_new_tokens)
-        return out.T  # [B, max_new_tokens]
-
-    return np.asarray(run(state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed)))
+    out = _generate(state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+                    graphdef=graphdef, max_new_tokens=int(max_new_tokens),
+                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                    greedy=bool(greedy), cache_dtype=jnp.dtype(cache_dtype))
+    return np.asarray(out)
