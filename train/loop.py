@@ -143,7 +143,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.close()
     final = {"step": steps, "train_loss": last.get("loss"), "first_loss": first_loss, **results}
     say("eval: " + " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "eval_tokens"))
-    say(f"logs: {os.path.abspath(workdir)}/tb (tensorboard --logdir {workdir}), "
-        f"{os.path.abspath(workdir)}/metrics.jsonl")
-    say(f"checkpoint: {ckpt.directory}/{steps}")
+    say(f"logs: {os.path.join(workdir, 'tb')} (tensorboard --logdir {workdir}), "
+        f"{os.path.join(workdir, 'metrics.jsonl')}")
+    say(f"checkpoint: {os.path.join(workdir, 'checkpoints', str(steps))}")
     return final
