@@ -116,3 +116,11 @@ def test_pallas_kernels_run_per_batch_shard_under_a_mesh():
     assert out.returncode == 0, out.stderr[-3000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(errors) == 4 and max(errors.values()) < 1e-3, errors
+
+
+def test_bad_mesh_fails_before_anything_is_written(tmp_path):
+    cfg = tiny_config()
+    cfg.mesh.tensor = 3
+    with pytest.raises(ConfigError, match="mesh: .* devices"):
+        train_and_evaluate(cfg, str(tmp_path / "a"))
+    assert not os.path.exists(tmp_path / "a")

@@ -23,6 +23,7 @@ from train.metrics import MetricsWriter, device_peak_flops, flops_per_token
 from train.sharding import batch_sharding, make_mesh, replicated
 from train.state import TrainState, abstract_of, build_model_config
 from train.step import make_eval_step, make_train_step
+from zoo.config import ConfigError
 
 __all__ = ["train_and_evaluate", "evaluate_heldout", "to_global"]
 
@@ -69,12 +70,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # 1. Validate inputs before compiling anything.
     data = load_data(config.data, seed=config.seed)
     model_cfg = build_model_config(config.model, data.tokenizer.vocab_size)
-    mesh = make_mesh(config.mesh)
+    try:
+        mesh = make_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     gb, tc = int(config.train.batch_size), config.train
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if gb % n_batch_shards:
-        raise ValueError(f"train.batch_size ({gb}) must be divisible by mesh data*fsdp "
-                         f"({n_batch_shards})")
+        raise ConfigError(f"train.batch_size ({gb}) must be divisible by mesh data*fsdp "
+                          f"({n_batch_shards})")
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
     os.makedirs(workdir, exist_ok=True)
