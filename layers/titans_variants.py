@@ -189,14 +189,10 @@ def _mac_reads(q, k, v, theta, eta, alpha, doc_pos, op_seg, valid, reset, state,
 class _TitansAttentionBase(nnx.Module):
     """Shared construction: memory core, sink attention, output gate and projection."""
 
-    def __init__(self, d_model, *, num_heads, head_dim, n_persistent, memory_depth,
-                 memory_hidden, activation, block_size, conv_size, theta_max, rope_theta,
-                 norm_eps, impl, dtype, rngs):
-        self.memory = NeuralMemory(d_model, num_heads=num_heads, head_dim=head_dim,
-                                   memory_depth=memory_depth, memory_hidden=memory_hidden,
-                                   activation=activation, block_size=block_size,
-                                   conv_size=conv_size, theta_max=theta_max, impl=impl,
-                                   dtype=dtype, rngs=rngs)
+    def __init__(self, d_model, *, num_heads, head_dim, n_persistent, rope_theta, impl, dtype,
+                 rngs, **memory_options):
+        self.memory = NeuralMemory(d_model, num_heads=num_heads, head_dim=head_dim, impl=impl,
+                                   dtype=dtype, rngs=rngs, **memory_options)
         self.h, self.d, self.dtype = num_heads, self.memory.d, dtype
         hd = num_heads * self.d
         self.attn = SinkAttention(d_model, num_heads=num_heads, head_dim=self.d,
@@ -214,18 +210,14 @@ class TitansMAG(_TitansAttentionBase):
     """Memory as a gate: y = g ⊙ norm(M_t(q_t)) + (1 − g) ⊙ norm(SWA(x)) (module docstring)."""
 
     def __init__(self, d_model: int, *, num_heads: int, window: int, head_dim: int | None = None,
-                 n_persistent: int = 4, memory_depth: int = 2, memory_hidden: int | None = None,
-                 activation: str = "silu", block_size: int = 16, conv_size: int = 4,
-                 theta_max: float = 0.5, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+                 n_persistent: int = 4, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
+                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs, **memory_options):
+        """``memory_options``: the memory core's settings (`layers.titans.NeuralMemory`)."""
         if window < 1:
             raise ValueError(f"TitansMAG: window must be a positive int, got {window}")
         super().__init__(d_model, num_heads=num_heads, head_dim=head_dim,
-                         n_persistent=n_persistent, memory_depth=memory_depth,
-                         memory_hidden=memory_hidden, activation=activation,
-                         block_size=block_size, conv_size=conv_size, theta_max=theta_max,
-                         rope_theta=rope_theta, norm_eps=norm_eps, impl=impl, dtype=dtype,
-                         rngs=rngs)
+                         n_persistent=n_persistent, rope_theta=rope_theta, impl=impl, dtype=dtype,
+                         rngs=rngs, **memory_options)
         self.window = window
         hd = num_heads * self.d
         self.mix_proj = Linear(d_model, hd, axes=("embed", "heads"), use_bias=True,
@@ -281,19 +273,15 @@ class TitansMAC(_TitansAttentionBase):
     """Memory as context: attention over [persistent ‖ M_{segment start}(q) ‖ segment]."""
 
     def __init__(self, d_model: int, *, num_heads: int, segment_len: int,
-                 head_dim: int | None = None, n_persistent: int = 4, memory_depth: int = 2,
-                 memory_hidden: int | None = None, activation: str = "silu", block_size: int = 16,
-                 conv_size: int = 4, theta_max: float = 0.5, rope_theta: float = 10000.0,
-                 norm_eps: float = 1e-5, impl: str = "auto", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 head_dim: int | None = None, n_persistent: int = 4, rope_theta: float = 10000.0,
+                 norm_eps: float = 1e-5, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs,
+                 **memory_options):
+        """``memory_options``: the memory core's settings (`layers.titans.NeuralMemory`)."""
         if segment_len < 1:
             raise ValueError(f"TitansMAC: segment_len must be a positive int, got {segment_len}")
         super().__init__(d_model, num_heads=num_heads, head_dim=head_dim,
-                         n_persistent=n_persistent, memory_depth=memory_depth,
-                         memory_hidden=memory_hidden, activation=activation,
-                         block_size=block_size, conv_size=conv_size, theta_max=theta_max,
-                         rope_theta=rope_theta, norm_eps=norm_eps, impl=impl, dtype=dtype,
-                         rngs=rngs)
+                         n_persistent=n_persistent, rope_theta=rope_theta, impl=impl, dtype=dtype,
+                         rngs=rngs, **memory_options)
         self.segment_len = segment_len
         hd = num_heads * self.d
         self.read_norm = RMSNorm(self.d, eps=norm_eps, dtype=dtype)

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "check_float",
     "check_shape",
     "check_segment_ids",
+    "check_range",
     "segment_masks",
     "pad_axis",
     "next_pow2",
@@ -76,6 +78,23 @@ def check_segment_ids(op: str, segment_ids, batch: int, length: int) -> None:
     check_shape(op, "segment_ids", segment_ids, (batch, length))
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise TypeError(f"{op}: segment_ids must be an integer array [B, T], got {segment_ids.dtype}")
+
+
+def check_range(op: str, name: str, x, lo: float | None = None, hi: float | None = None) -> None:
+    """The ops' opt-in value check (``debug_checks=True``): every element of x in [lo, hi].
+
+    A ``checkify.check``: called eagerly it raises ``checkify.JaxRuntimeError``; under ``jax.jit``
+    wrap the jitted caller in ``checkify.checkify`` and inspect the returned error.
+    """
+    ok = jnp.ones((), bool)
+    if lo is not None:
+        ok = ok & jnp.all(x >= lo)
+    if hi is not None:
+        ok = ok & jnp.all(x <= hi)
+    allowed = (f"in [{lo}, {hi}]" if lo is not None and hi is not None
+               else f">= {lo}" if lo is not None else f"<= {hi}")
+    checkify.check(ok, f"{op}: {name} must be {allowed}, got values in [{{mn}}, {{mx}}]",
+                   mn=jnp.min(x), mx=jnp.max(x))
 
 
 def segment_masks(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

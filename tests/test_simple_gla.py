@@ -321,12 +321,12 @@ def test_bad_inputs_raise_clear_errors():
 def test_debug_checks_flag_positive_gates():
     q, k, v, g, _ = _inputs(b=1, t=8, h=2, hv=2, kd=8, vd=8)
     simple_gla(q, k, v, g, debug_checks=True)               # valid gates pass
-    with pytest.raises(checkify.JaxRuntimeError, match="g must be a log-decay <= 0"):
+    with pytest.raises(checkify.JaxRuntimeError, match=r"g \(a log decay\) must be <= 0"):
         simple_gla(q, k, v, -g, debug_checks=True)
 
     checked = jax.jit(checkify.checkify(
         lambda *a: simple_gla(*a, debug_checks=True)[0]))
     err, _ = checked(q, k, v, -g)
-    assert err.get() is not None and "log-decay" in err.get()
+    assert err.get() is not None and "log decay" in err.get()
     err, _ = checked(q, k, v, g)
     assert err.get() is None

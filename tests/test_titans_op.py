@@ -362,3 +362,22 @@ def test_bad_inputs_raise():
         run(initial_state=state, momentum0=mem0)
     with pytest.raises(ValueError, match=r"titans_step: q must have shape \[B, H, Dk\]"):
         titans_step(q, k, v, th, et, al, None, mem0, block_size=4)
+
+
+@pytest.mark.parametrize("bad", ["theta", "eta", "alpha"])
+def test_debug_checks_catch_bad_gates(bad):
+    from jax.experimental import checkify
+
+    args, mem0 = make_inputs(9, "linear", t=6)
+    q, k, v, th, et, al = (args[n] for n in ("q", "k", "v", "theta", "eta", "alpha"))
+    titans(q, k, v, th, et, al, mem0, block_size=4, debug_checks=True)  # valid: no error
+    over = {"theta": dict(theta=th.at[0, 2, 1].set(-0.1)), "eta": dict(eta=et.at[1, 0, 0].set(1.2)),
+            "alpha": dict(alpha=al.at[0, 5, 0].set(-1.0))}[bad]
+    a = {**dict(theta=th, eta=et, alpha=al), **over}
+    with pytest.raises(checkify.JaxRuntimeError, match=f"titans: {bad} must be"):
+        titans(q, k, v, a["theta"], a["eta"], a["alpha"], mem0, block_size=4, debug_checks=True)
+    step = jax.jit(checkify.checkify(partial(titans_step, block_size=4, debug_checks=True)))
+    err, _ = step(q[:, 0], k[:, 0], v[:, 0], a["theta"][:, 0], a["eta"][:, 0], a["alpha"][:, 0],
+                  None, mem0)
+    sliced_bad = {"theta": False, "eta": True, "alpha": False}[bad]  # only η's bad value is at t=0
+    assert (err.get() is not None) == sliced_bad

@@ -19,7 +19,6 @@ document boundaries.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax.experimental import checkify
 
 from pallas_kernels import common
 from pallas_kernels.common import check_float, check_segment_ids, check_shape, expand_groups
@@ -56,17 +55,6 @@ def _check_inputs(q, k, v, g, beta, initial_state, segment_ids):
     return B, T, H, HV, K, V
 
 
-def _value_checks(g, beta):
-    """checkify: β in [0, 1] and g <= 0 (raised eagerly; under jit, wrap with checkify)."""
-    def check(g, beta):
-        checkify.check(jnp.all((beta >= 0) & (beta <= 1)),
-                       f"{OP}: beta must lie in [0, 1] (sigmoid-ed); got values outside")
-        checkify.check(jnp.all(g <= 0), f"{OP}: g is a log decay and must be <= 0; got g > 0")
-
-    err, _ = checkify.checkify(check)(g, beta)
-    checkify.check_error(err)
-
-
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
                      output_final_state=False, use_qk_l2norm=False, segment_ids=None,
                      impl="auto", interpret=False, debug_checks=False,
@@ -83,7 +71,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     name = common.resolve_impl(OP, impl, available=AVAILABLE)
     if debug_checks:
-        _value_checks(g, beta)
+        common.check_range(OP, "beta", beta, 0.0, 1.0)
+        common.check_range(OP, "g (a log decay)", g, hi=0.0)
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
               use_qk_l2norm=use_qk_l2norm, segment_ids=segment_ids)
     if name == "reference":

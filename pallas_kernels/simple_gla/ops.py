@@ -27,10 +27,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import checkify
-
-from pallas_kernels.common import (check_float, check_segment_ids, check_shape, expand_groups,
-                                   next_pow2, pad_axis, resolve_impl, segment_masks,
+from pallas_kernels.common import (check_float, check_range, check_segment_ids, check_shape,
+                                   expand_groups, next_pow2, pad_axis, resolve_impl, segment_masks,
                                    shard_over_batch)
 from pallas_kernels.simple_gla import chunked as _chunked
 from pallas_kernels.simple_gla import gpu as _gpu
@@ -68,11 +66,6 @@ def _check_inputs(q, k, v, g, initial_state, segment_ids):
     if initial_state is not None:
         check_shape(_OP, "initial_state", initial_state, (bsz, hv, kd, vd))
     check_segment_ids(_OP, segment_ids, bsz, t)
-
-
-def _debug_check_gates(g):
-    checkify.check(jnp.all(g <= 0), "simple_gla: g must be a log-decay <= 0, got max {m}",
-                   m=jnp.max(g))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +181,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     _check_inputs(q, k, v, g, initial_state, segment_ids)
     impl = resolve_impl(_OP, impl, available=AVAILABLE)
     if debug_checks:
-        _debug_check_gates(g)
+        check_range(_OP, "g (a log decay)", g, hi=0.0)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if impl == "reference":
         o, s_final = simple_gla_reference(q, k, v, g, scale=scale, initial_state=initial_state,

@@ -1,9 +1,10 @@
 """Public Titans neural-memory op: argument checks, state plumbing, implementation choice.
 
     titans(q, k, v, theta, eta, alpha, memory0, *, block_size, momentum0=None, initial_state=None,
-           output_final_state=False, segment_ids=None, impl="auto", activation="silu")
-        -> (y [B, T, H, Dv], final_state | None)
-    titans_step(q, k, v, theta, eta, alpha, state, memory0, *, block_size, activation="silu")
+           output_final_state=False, segment_ids=None, impl="auto", activation="silu",
+           debug_checks=False) -> (y [B, T, H, Dv], final_state | None)
+    titans_step(q, k, v, theta, eta, alpha, state, memory0, *, block_size, activation="silu",
+                debug_checks=False)
         -> (y [B, H, Dv], new_state)
 
 Math (per head; see ``reference.py``): memory M linear (``{"w": [H, Dk, Dv]}``) or an MLP of depth
@@ -31,8 +32,8 @@ from numbers import Integral
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import (check_float, check_segment_ids, check_shape, resolve_impl,
-                                   segment_masks)
+from pallas_kernels.common import (check_float, check_range, check_segment_ids, check_shape,
+                                   resolve_impl, segment_masks)
 from pallas_kernels.titans.chunked import titans_chunked
 from pallas_kernels.titans.reference import (TitansState, get_activation, titans_reference,
                                               token_step)
@@ -122,6 +123,13 @@ def _check_state(what: str, state, names, heads, dk, dv, batch) -> TitansState:
     return TitansState(*(_batched(p, batch) for p in parts), pos.astype(jnp.int32))
 
 
+def _check_gate_values(theta, eta, alpha) -> None:
+    """``debug_checks``: θ >= 0, η and α in [0, 1] (checkify; see ``common.check_range``)."""
+    check_range(_OP, "theta", theta, lo=0.0)
+    check_range(_OP, "eta", eta, 0.0, 1.0)
+    check_range(_OP, "alpha", alpha, 0.0, 1.0)
+
+
 def _check_block_size(block_size) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 1:
         raise ValueError(f"{_OP}: block_size must be a positive int, got {block_size!r}")
@@ -130,14 +138,16 @@ def _check_block_size(block_size) -> int:
 
 def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=None,
            initial_state=None, output_final_state: bool = False, segment_ids=None,
-           impl: str = "auto", activation: str = "silu"):
+           impl: str = "auto", activation: str = "silu", debug_checks: bool = False):
     """Titans neural long-term memory over a sequence.
 
     q, k [B, T, H, Dk]; v [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha
     (forgetting) [B, T, H]; memory0 a weight dict (module docstring); segment_ids [B, T] int
     (0 = trailing padding). ``initial_state`` (a state dict from a previous call) replaces
     memory0/momentum0 as the state before token 0; memory0 stays the reset target of later
-    documents. Returns (y [B, T, H, Dv] in q's dtype, final state dict or None).
+    documents. ``debug_checks=True`` verifies θ >= 0 and η, α in [0, 1] with ``checkify``
+    (raises eagerly; under ``jax.jit`` wrap the jitted caller in ``checkify.checkify``).
+    Returns (y [B, T, H, Dv] in q's dtype, final state dict or None).
     """
     check_float(_OP, q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha)
     if q.ndim != 4:
@@ -154,6 +164,8 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
     act = get_activation(activation)
     check_segment_ids(_OP, segment_ids, bsz, t_len)
     impl = resolve_impl(_OP, impl, ("reference", "chunked"))
+    if debug_checks:
+        _check_gate_values(theta, eta, alpha)
 
     names = memory_names(memory0)
     mem0 = _check_weights("memory0", memory0, names, heads, dk, dv, bsz, False)
@@ -186,13 +198,13 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
 
 
 def titans_step(q, k, v, theta, eta, alpha, state, memory0, *, block_size: int,
-                activation: str = "silu"):
+                activation: str = "silu", debug_checks: bool = False):
     """One decoding token: q, k [B, H, Dk]; v [B, H, Dv]; theta, eta, alpha [B, H].
 
     ``state`` is a state dict (from ``titans(..., output_final_state=True)``, ``init_state`` or a
     previous step) or None for a fresh one built from ``memory0``. Returns (y [B, H, Dv] in q's
     dtype, new state dict). Token-by-token decoding equals ``titans`` on the whole sequence,
-    gradient-block boundaries included.
+    gradient-block boundaries included. ``debug_checks`` as in ``titans``.
     """
     check_float(_OP, q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha)
     if q.ndim != 3:
@@ -205,6 +217,8 @@ def titans_step(q, k, v, theta, eta, alpha, state, memory0, *, block_size: int,
         check_shape(_OP, name, g, (bsz, heads))
     block_size = _check_block_size(block_size)
     act = get_activation(activation)
+    if debug_checks:
+        _check_gate_values(theta, eta, alpha)
     names = memory_names(memory0)
     mem0 = _batched(_check_weights("memory0", memory0, names, heads, dk, dv, bsz, False), bsz)
     if state is None:
