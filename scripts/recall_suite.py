@@ -21,16 +21,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mqar as mqar_config  # noqa: E402
 from train.data import load_data  # noqa: E402
+from train.eval import recall_accuracy  # noqa: E402
 from train.loop import to_global  # noqa: E402
 from train.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
 from train.state import TrainState, build_model_config  # noqa: E402
 from train.step import make_train_step  # noqa: E402
-from train.tasks import mqar_accuracy  # noqa: E402
 
 TARGET = 0.99
 
@@ -57,22 +56,15 @@ def train_cell(mixer, vocab, seq_len, pairs, *, d_model, minutes, steps, lr, eva
         sh = batch_sharding(mesh)
         step_fn = make_train_step(ts.graphdef, ts.tx, ts.shardings(state), sh, replicated(mesh))
         heldout = data.eval_batches(batch_size=64, max_batches=8)
-
-        @jax.jit
-        def predict(params, inputs):
-            return jnp.argmax(ts.model(params)(inputs)[0], -1)
-
-        def accuracy(params):
-            preds = np.concatenate([np.asarray(predict(params, b["inputs"])) for b in heldout])
-            return mqar_accuracy(preds, np.concatenate([b["targets"] for b in heldout]))
-
+        inputs = np.concatenate([b["inputs"] for b in heldout])
+        targets = np.concatenate([b["targets"] for b in heldout])
         t0, acc, done = time.time(), 0.0, 0
         it = data.iterator(0, batch_size=64)
         for s in range(steps):
             state, out = step_fn(state, to_global(next(it), sh))
             done = s + 1
             if done % eval_every == 0 or done == steps:
-                acc = accuracy(state["params"])
+                acc = recall_accuracy(ts, state["params"], inputs, targets, 64)
                 print(f"  {mixer:10s} step {done:5d} loss {float(out['loss']):.3f} acc {acc:.3f} "
                       f"({time.time() - t0:.0f}s)", flush=True)
                 if acc >= TARGET or time.time() - t0 > minutes * 60:

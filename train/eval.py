@@ -13,6 +13,7 @@ Results: a table on stdout, `<workdir>/eval/step_<N>.json`, TensorBoard scalars 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
 from train.checkpoint import CheckpointError
 from train.data import DataError, load_data
@@ -29,24 +31,17 @@ from train.loop import evaluate_heldout, to_global
 from train.metrics import MetricsWriter
 from train.restore import Restored, restore_run
 from train.sharding import batch_sharding
+from train.state import TrainState
 from train.tasks import MQAR_SUITE, MqarSpec, make_mqar, make_passkey_prompt, mqar_accuracy
 from zoo.generate import generate
 
-__all__ = ["TASKS", "run_eval", "EvalError"]
+__all__ = ["TASKS", "run_eval", "recall_accuracy", "EvalError"]
 
 TASKS = ("ppl", "mqar", "passkey", "generate")
 
 
 class EvalError(ValueError):
     """A task that cannot run on this checkpoint."""
-
-
-def _logits_fn(r: Restored):
-    @jax.jit
-    def fn(params, inputs):
-        logits, _ = r.ts.model(params)(inputs)
-        return jnp.argmax(logits, -1)
-    return fn
 
 
 def eval_ppl(r: Restored, data_files: str | None, batch_size: int, max_batches: int) -> dict:
@@ -60,18 +55,26 @@ def eval_ppl(r: Restored, data_files: str | None, batch_size: int, max_batches: 
         return evaluate_heldout(r.ts, r.params, data, batch_size, max_batches)
 
 
-def _accuracy_on(r: Restored, inputs: np.ndarray, targets: np.ndarray, batch_size: int) -> float:
-    fn = _logits_fn(r)
-    preds = []
-    sh = batch_sharding(r.ts.mesh)
-    n_shards = r.ts.mesh.shape["data"] * r.ts.mesh.shape["fsdp"]
+@functools.partial(jax.jit, static_argnums=0)
+def _argmax_tokens(graphdef, params, inputs):
+    logits, _ = nnx.merge(graphdef, nnx.State(params))(inputs)
+    return jnp.argmax(logits, -1)  # [B, L]
+
+
+def recall_accuracy(ts: TrainState, params, inputs: np.ndarray, targets: np.ndarray,
+                    batch_size: int) -> float:
+    """MQAR accuracy (`mqar_accuracy`) of the model's argmax predictions on inputs/targets
+    [N, L], in batches spread over the mesh's batch axes (the last one zero-padded)."""
+    sh = batch_sharding(ts.mesh)
+    n_shards = ts.mesh.shape["data"] * ts.mesh.shape["fsdp"]
     bs = max(n_shards, batch_size // n_shards * n_shards)
-    with jax.set_mesh(r.ts.mesh):
+    preds = []
+    with jax.set_mesh(ts.mesh):
         for i in range(0, len(inputs), bs):
             chunk = inputs[i:i + bs]
             pad = bs - len(chunk)
             chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
-            out = fn(r.params, to_global({"x": chunk}, sh)["x"])
+            out = _argmax_tokens(ts.graphdef, params, to_global({"x": chunk}, sh)["x"])
             preds.append(np.asarray(out)[:bs - pad])
     return mqar_accuracy(np.concatenate(preds), targets)
 
@@ -86,13 +89,13 @@ def eval_mqar(r: Restored, mqar_file: str | None, examples: int, batch_size: int
     if mqar_file:
         with np.load(mqar_file) as f:
             inputs, targets = f["inputs"].astype(np.int32), f["targets"].astype(np.int32)
-        return {"file_accuracy": _accuracy_on(r, inputs, targets, batch_size),
+        return {"file_accuracy": recall_accuracy(r.ts, r.params, inputs, targets, batch_size),
                 "file_examples": float(len(inputs))}
     out = {}
     train_len = int(r.config.data.seq_len)
     for seq_len, pairs in _mqar_cells(r):
         d = make_mqar(_mqar_spec_of(r, seq_len, pairs), examples, seed=(1234, seq_len, pairs))
-        acc = _accuracy_on(r, d["inputs"], d["targets"], batch_size)
+        acc = recall_accuracy(r.ts, r.params, d["inputs"], d["targets"], batch_size)
         out[f"L{seq_len}_kv{pairs}"] = acc
     out["train_length"] = float(train_len)
     return out
