@@ -31,6 +31,7 @@ def test_hybrid_pattern():
     (dict(d_model=30, num_heads=4), r"model.d_model \(30\) must be divisible by model.num_heads"),
     (dict(dtype="float16"), "model.dtype must be one of"),
     (dict(bogus=1), r"unknown field\(s\) \['bogus'\]"),
+    (dict(mixer_options={"atn": {"window": 4}}), "model.mixer_options: unknown mixer 'atn'"),
 ])
 def test_bad_model_config(fields, message):
     with pytest.raises(ConfigError, match=message):

@@ -68,6 +68,8 @@ def test_sharded_step_matches_single_device():
     ("model", "mixer", "nope", ConfigError, "model.mixer: unknown mixer 'nope'; known"),
     ("model", "layer_types", ("attn",), ConfigError, "model.layer_types has 1 entries"),
     ("model", "num_heads", 3, ConfigError, "divisible by model.num_heads"),
+    ("model", "mixer_options", {"attn": {"bogus": 1}}, ConfigError,
+     r"model.mixer_options\['attn'\]: unknown option\(s\) \['bogus'\]; allowed: \[.*'qk_norm'"),
     ("data", "path", "/does/not/exist", DataError, "data.path: '/does/not/exist' does not exist"),
     ("data", "seq_len", 10 ** 8, DataError, "data"),
 ])
@@ -78,7 +80,7 @@ def test_bad_input_fails_before_compiling(tmp_path, section, field, value, error
         cfg.data.source = "text"
     with pytest.raises(error, match=message):
         train_and_evaluate(cfg, str(tmp_path / "run"))
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_empty_data_path(tmp_path):

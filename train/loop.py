@@ -81,11 +81,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           f"({n_batch_shards})")
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
-    os.makedirs(workdir, exist_ok=True)
 
     # 2. Model, optimizer state, resume.
     with jax.set_mesh(mesh):
-        ts = TrainState(model_cfg, mesh, int(config.seed), tc)
+        try:
+            ts = TrainState(model_cfg, mesh, int(config.seed), tc)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a layer rejecting its arguments (mixer_options)
+            raise ConfigError(f"model: {e}") from e
+        os.makedirs(workdir, exist_ok=True)
         say(_describe(ts))
         say(data.describe())
         state = ts.init()

@@ -102,9 +102,19 @@ class ModelConfig:
         for name in layer_types:
             if name not in mixers:
                 raise ConfigError(f"model.layer_types: unknown mixer {name!r}; known: {mixers}")
+        for name, _ in self.mixer_options:
+            if name not in mixers:
+                raise ConfigError(f"model.mixer_options: unknown mixer {name!r}; known: {mixers}")
         d_ff = self.d_ff or -(-int(self.d_model * 8 / 3) // 64) * 64
         return dataclasses.replace(self, num_kv_heads=kv, head_dim=self.head_dim or self.d_model // self.num_heads,
                                    d_ff=d_ff, layer_types=tuple(layer_types))
 
-    def options(self, mixer: str) -> dict:
-        return dict(dict(self.mixer_options).get(mixer, ()))
+    def options(self, mixer: str, allowed=None) -> dict:
+        """The user's options for ``mixer``; with ``allowed`` (names), an unknown one is an error
+        that lists them."""
+        opts = dict(dict(self.mixer_options).get(mixer, ()))
+        unknown = sorted(set(opts) - set(allowed)) if allowed is not None else []
+        if unknown:
+            raise ConfigError(f"model.mixer_options[{mixer!r}]: unknown option(s) {unknown}; "
+                              f"allowed: {sorted(allowed)}")
+        return opts
