@@ -116,6 +116,7 @@ def test_passkey_prompt_hides_the_key(workdir):
 
 
 def test_lm_eval_rolling_loglikelihood_equals_trainer_loss(workdir):
+    pytest.importorskip("lm_eval", reason="lm-eval comes with the `test` extra")
     from train.lm_eval_adapter import ZooLM
 
     class Req:

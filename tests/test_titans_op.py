@@ -49,7 +49,7 @@ PARTS = ("memory", "momentum", "block_start")
 
 def call(impl, args, mem0, b, **kw):
     return titans(*(args[n] for n in GATES), mem0, block_size=b, impl=impl,
-                  output_final_state=True, **kw)
+                  output_final_state=True, interpret=impl == "triton", **kw)
 
 
 # Tests compile many small programs and run each once: XLA's backend optimisations would cost
@@ -182,6 +182,58 @@ def test_chunked_matches_reference_bf16():
     got, want = fwd_bwd(args, mem0, impl="chunked", b=4), fwd_bwd(args, mem0, impl="reference", b=4)
     assert got[0].dtype == jnp.bfloat16 and got[1]["memory"]["w0"].dtype == jnp.float32
     check_run(got, want, jnp.bfloat16)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+
+@pytest.mark.parametrize("b", [16, 32])
+def test_triton_kernel_matches_reference(b):
+    """Linear memory through the Pallas kernels (interpreted): T = 37 is not a multiple of b
+    (the final block_start is then the memory entering the last block), Dk = 8 != Dv = 6."""
+    args, mem0 = make_inputs(11, "linear")
+    got = fwd_bwd(args, mem0, impl="triton", b=b)
+    want = fwd_bwd(args, mem0, impl="reference", b=b)
+    check_run(got, want, name=f"triton b={b}")
+
+
+def test_triton_kernel_matches_reference_bf16_full_blocks():
+    args, mem0 = make_inputs(12, "linear", t=32, dtype=jnp.bfloat16)
+    got = fwd_bwd(args, mem0, impl="triton", b=16)
+    want = fwd_bwd(args, mem0, impl="reference", b=16)
+    assert got[0].dtype == jnp.bfloat16 and got[1]["pos"].tolist() == [0, 0]
+    check_run(got, want, jnp.bfloat16, name="triton bf16")
+
+
+def test_triton_kernel_lowers_for_cuda():
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    sds = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    shapes = dict(q=(1, 70, 2, 24), k=(1, 70, 2, 24), v=(1, 70, 2, 40), theta=(1, 70, 2),
+                  eta=(1, 70, 2), alpha=(1, 70, 2))
+    args = {n: sds(s, f32) for n, s in shapes.items()}
+    mem0 = {"w": sds((2, 24, 40), f32)}
+
+    def fwd(args, mem0):  # compiled kernels (interpret=False), as on a GPU
+        return titans(*(args[n] for n in GATES), mem0, block_size=16, impl="triton",
+                      output_final_state=True)
+
+    def fwd_and_grads(args, mem0):
+        def loss(args, mem0):
+            y, st = fwd(args, mem0)
+            return jnp.sum(y) + jnp.sum(st["memory"]["w"])
+        return jax.grad(loss, argnums=(0, 1))(args, mem0)
+
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=1, platform="gpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fwd).trace(args, mem0).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "titans_linear_fwd_triton" in text and "__gpu$xla.gpu.triton" in text
+        text = jax.jit(fwd_and_grads).trace(args, mem0).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "titans_linear_fwd_triton" in text and "titans_linear_bwd_triton" in text
 
 
 def test_auto_is_chunked_on_cpu():
@@ -347,8 +399,10 @@ def test_bad_inputs_raise():
         run(block_size=0)
     with pytest.raises(ValueError, match="activation='swish' is not one of"):
         run(activation="swish")
-    with pytest.raises(ValueError, match="impl='triton' is not implemented"):
+    with pytest.raises(ValueError, match="impl='triton' runs a linear memory"):
         run(impl="triton")
+    with pytest.raises(ValueError, match="impl='mosaic_tpu' is not implemented"):
+        run(impl="mosaic_tpu")
     with pytest.raises(ValueError, match=r"segment_ids must have shape \[2, 5\]"):
         run(segment_ids=jnp.ones((2, 4), jnp.int32))
     state = init_state(mem0, 2)

@@ -50,13 +50,15 @@ the reference. (So does the linear memory: its b = 1 case is a delta rule with m
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import pad_axis
 from pallas_kernels.titans.reference import TitansState
 
-__all__ = ["titans_chunked"]
+__all__ = ["titans_chunked", "LinearFactors", "linear_kernel_factors"]
 
 
 def _token_grads(ws, k, v, act):
@@ -307,3 +309,51 @@ def titans_chunked(q, k, v, theta, eta, alpha, memory0, state0: TitansState, val
     (mem, mom, ref), ys = jax.lax.scan(jax.checkpoint(body), carry0, xs)  # ys [N, B, H, C, Dv]
     y = jnp.moveaxis(ys, 0, 2).reshape(bsz, heads, t_pad, ys.shape[-1])[:, :, :t_len]
     return jnp.moveaxis(y, 1, 2), TitansState(mem, mom, ref, pos_final)
+
+
+class LinearFactors(NamedTuple):
+    """Per-block factors of the linear-memory recurrence for the Pallas kernels, [B, H, N, C, ·]
+    (scalars per block [B, H, N]); features zero-padded. With E = 2(K M − V) at the block start:
+
+        Y = qa M + qc S − pm E;   M' = a0e M + ce S − kdᵀ E;   S' = p0e S − kpᵀ E
+    """
+    qa: jax.Array    # a0_t q_t
+    qc: jax.Array    # c_t q_t
+    k: jax.Array
+    v: jax.Array
+    pm: jax.Array    # (q_t · k_s) D[t, s]                                  [.., C, C]
+    kd: jax.Array    # D[C-1, s] k_s
+    kp: jax.Array    # P[C-1, s] θ_s k_s
+    a0e: jax.Array   # [B, H, N]
+    ce: jax.Array
+    p0e: jax.Array
+
+
+def linear_kernel_factors(q, k, v, theta, eta, alpha, *, block_size: int, k_size: int,
+                          v_size: int) -> tuple[LinearFactors, jax.Array, jax.Array]:
+    """XLA half of the linear-memory kernels (no packing, fresh state: grid block = gradient
+    block). q, k [B, T, H, Dk]; v [B, T, H, Dv]; gates [B, T, H]. Returns (factors, code [B, N]
+    (``_END`` where a grid block fills its gradient block), final pos [B])."""
+    bsz, t_len, heads, _ = q.shape
+    c_len = int(block_size)
+    n = -(-t_len // c_len)
+    valid = pad_axis(jnp.ones((bsz, t_len), bool), 1, c_len, value=False)  # [B, N*C]
+
+    def blocks(x, size=None):  # [B, T, H, D?] -> [B, H, N, C, D?] float32, features padded
+        x = pad_axis(x.astype(jnp.float32), 1, c_len)
+        if size is not None and size != x.shape[-1]:
+            x = pad_axis(x, x.ndim - 1, size)
+        x = jnp.moveaxis(x, 2, 1)
+        return x.reshape(x.shape[:2] + (n, c_len) + x.shape[3:])
+
+    q, k = blocks(q, k_size), blocks(k, k_size)
+    v = blocks(v, v_size)
+    gates = (blocks(x) for x in (theta, eta, alpha))
+    pos0 = jnp.zeros((bsz,), jnp.int32)
+    co, _, code, pos_final = _plan(*gates, valid, None, pos0, c_len, False)
+    scores = jnp.einsum("bhnti,bhnsi->bhnts", q, k)  # [B, H, N, C, C]
+    f = LinearFactors(qa=co["a0"][..., None] * q, qc=co["c"][..., None] * q, k=k, v=v,
+                      pm=scores * co["d"], kd=co["d_end"][..., None] * k,
+                      kp=co["dp_end"][..., None] * k, a0e=co["a0_end"], ce=co["c_end"],
+                      p0e=co["p0_end"])
+    return f, code, pos_final

@@ -2,7 +2,7 @@
 
     titans(q, k, v, theta, eta, alpha, memory0, *, block_size, momentum0=None, initial_state=None,
            output_final_state=False, segment_ids=None, impl="auto", activation="silu",
-           debug_checks=False) -> (y [B, T, H, Dv], final_state | None)
+           debug_checks=False, interpret=False) -> (y [B, T, H, Dv], final_state | None)
     titans_step(q, k, v, theta, eta, alpha, state, memory0, *, block_size, activation="silu",
                 debug_checks=False)
         -> (y [B, H, Dv], new_state)
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import (check_float, check_range, check_segment_ids, check_shape,
-                                   resolve_impl, segment_masks)
+                                   resolve_impl, segment_masks, shard_over_batch)
+from pallas_kernels.titans import gpu as _gpu
 from pallas_kernels.titans.chunked import titans_chunked
 from pallas_kernels.titans.reference import (TitansState, get_activation, titans_reference,
                                               token_step)
@@ -138,7 +139,8 @@ def _check_block_size(block_size) -> int:
 
 def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=None,
            initial_state=None, output_final_state: bool = False, segment_ids=None,
-           impl: str = "auto", activation: str = "silu", debug_checks: bool = False):
+           impl: str = "auto", activation: str = "silu", debug_checks: bool = False,
+           interpret: bool = False):
     """Titans neural long-term memory over a sequence.
 
     q, k [B, T, H, Dk]; v [B, T, H, Dv]; theta (step size), eta (momentum decay), alpha
@@ -147,6 +149,9 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
     memory0/momentum0 as the state before token 0; memory0 stays the reset target of later
     documents. ``debug_checks=True`` verifies θ >= 0 and η, α in [0, 1] with ``checkify``
     (raises eagerly; under ``jax.jit`` wrap the jitted caller in ``checkify.checkify``).
+    ``impl="triton"`` (the GPU default where it applies) runs the Pallas kernels of ``gpu.py``:
+    linear memory, no ``segment_ids`` / ``initial_state``, block_size a power of two >= 16;
+    elsewhere "auto" takes "chunked". ``interpret`` runs the kernels in Pallas' interpreter.
     Returns (y [B, T, H, Dv] in q's dtype, final state dict or None).
     """
     check_float(_OP, q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha)
@@ -163,11 +168,20 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
     block_size = _check_block_size(block_size)
     act = get_activation(activation)
     check_segment_ids(_OP, segment_ids, bsz, t_len)
-    impl = resolve_impl(_OP, impl, ("reference", "chunked"))
+    names = memory_names(memory0)
+    kernel_ok = (names == ("w",) and segment_ids is None and initial_state is None
+                 and _gpu.supports(block_size))
+    if impl == "triton" and not kernel_ok:
+        raise ValueError(f"{_OP}: impl='triton' runs a linear memory ({{'w': ...}}) with no "
+                         f"segment_ids or initial_state and block_size a power of two >= 16 "
+                         f"(got keys {list(names)}, block_size={block_size}, segment_ids "
+                         f"{'set' if segment_ids is not None else 'None'}, initial_state "
+                         f"{'set' if initial_state is not None else 'None'}); use "
+                         f"impl='chunked'")
+    impl = resolve_impl(_OP, impl, ("reference", "chunked") + (("triton",) if kernel_ok else ()))
     if debug_checks:
         _check_gate_values(theta, eta, alpha)
 
-    names = memory_names(memory0)
     mem0 = _check_weights("memory0", memory0, names, heads, dk, dv, bsz, False)
     mem0 = tuple(w.astype(jnp.float32) for w in mem0)
     mem0 = tuple(w if w.ndim == 4 else w[None] for w in mem0)  # [B|1, H, d, d']
@@ -185,12 +199,23 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
                                           False), bsz)
         state0 = TitansState(mem, mom, mem, None)  # pos None: statically 0
 
-    valid = reset = None
-    if segment_ids is not None:
-        valid, reset = segment_masks(segment_ids)
-    fn = titans_reference if impl == "reference" else titans_chunked
-    y, final = fn(q, k, v, theta, eta, alpha, mem0, state0, valid, reset,
-                  block_size=block_size, act=act)
+    if impl == "triton":
+        def run(q, k, v, theta, eta, alpha, m, s):
+            y, st = _gpu.titans_linear_triton(q, k, v, theta, eta, alpha,
+                                              TitansState((m,), (s,), (m,), None),
+                                              block_size=block_size, interpret=interpret)
+            return y, st.memory[0], st.momentum[0], st.block_start[0], st.pos
+
+        y, *parts = shard_over_batch(run, q, k, v, theta, eta, alpha, state0.memory[0],
+                                     state0.momentum[0])
+        final = TitansState((parts[0],), (parts[1],), (parts[2],), parts[3])
+    else:
+        valid = reset = None
+        if segment_ids is not None:
+            valid, reset = segment_masks(segment_ids)
+        fn = titans_reference if impl == "reference" else titans_chunked
+        y, final = fn(q, k, v, theta, eta, alpha, mem0, state0, valid, reset,
+                      block_size=block_size, act=act)
     y = y.astype(q.dtype)
     if not output_final_state:
         return y, None
