@@ -1,5 +1,6 @@
-"""Run as a script with 8 simulated CPU devices: the Pallas kernels (interpret mode) under a
-jit sharded over a (2, 2, 2) mesh, with their gradients, equal the single-device result."""
+"""Run as a script with 8 simulated CPU devices: the Pallas kernels (interpret mode) of
+simple_gla, gated_delta_rule and titans (linear memory) under a jit sharded over a (2, 2, 2)
+mesh, with their gradients, equal the single-device result."""
 
 import os
 
@@ -14,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pallas_kernels.gated_delta import gated_delta_rule  # noqa: E402
 from pallas_kernels.simple_gla import simple_gla  # noqa: E402
+from pallas_kernels.titans import titans  # noqa: E402
 
 
 def inputs(b=4, t=40, h=2, d=16):
@@ -37,7 +39,13 @@ def losses(impl):
                                 impl=impl, interpret=True)
         return jnp.sum(o ** 2) + jnp.sum(s)
 
-    return {"simple_gla": sgla, "gated_delta_rule": gdn}
+    def titans_linear(q, k, v, g, beta, seg):  # the kernels take no segment_ids
+        w0 = {"w": 0.1 * jnp.ones((q.shape[2], q.shape[3], v.shape[3]), jnp.float32)}
+        y, st = titans(q, k, v, 0.1 * beta, beta, -g, w0, block_size=16, impl=impl,
+                       output_final_state=True, interpret=True)
+        return jnp.sum(y ** 2) + jnp.sum(st["memory"]["w"])
+
+    return {"simple_gla": sgla, "gated_delta_rule": gdn, "titans": titans_linear}
 
 
 if __name__ == "__main__":

@@ -44,12 +44,13 @@ def make_inputs(seed, memory, *, t=T, dtype=jnp.float32):
 
 
 GATES = ("q", "k", "v", "theta", "eta", "alpha")
+KERNELS = ("triton", "mosaic_tpu")  # linear memory only; run interpreted on CPU
 PARTS = ("memory", "momentum", "block_start")
 
 
 def call(impl, args, mem0, b, **kw):
     return titans(*(args[n] for n in GATES), mem0, block_size=b, impl=impl,
-                  output_final_state=True, interpret=impl == "triton", **kw)
+                  output_final_state=True, interpret=impl in KERNELS, **kw)
 
 
 # Tests compile many small programs and run each once: XLA's backend optimisations would cost
@@ -184,30 +185,38 @@ def test_chunked_matches_reference_bf16():
     check_run(got, want, jnp.bfloat16)
 
 
-# --------------------------------------------------------------------------- Triton kernels
+# --------------------------------------------------------------------------- Pallas kernels
 
 
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("b", [16, 32])
-def test_triton_kernel_matches_reference(b):
+def test_kernel_matches_reference(impl, b):
     """Linear memory through the Pallas kernels (interpreted): T = 37 is not a multiple of b
     (the final block_start is then the memory entering the last block), Dk = 8 != Dv = 6."""
     args, mem0 = make_inputs(11, "linear")
-    got = fwd_bwd(args, mem0, impl="triton", b=b)
+    got = fwd_bwd(args, mem0, impl=impl, b=b)
     want = fwd_bwd(args, mem0, impl="reference", b=b)
-    check_run(got, want, name=f"triton b={b}")
+    check_run(got, want, name=f"{impl} b={b}")
 
 
-def test_triton_kernel_matches_reference_bf16_full_blocks():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_matches_reference_bf16_full_blocks(impl):
     args, mem0 = make_inputs(12, "linear", t=32, dtype=jnp.bfloat16)
-    got = fwd_bwd(args, mem0, impl="triton", b=16)
+    got = fwd_bwd(args, mem0, impl=impl, b=16)
     want = fwd_bwd(args, mem0, impl="reference", b=16)
     assert got[0].dtype == jnp.bfloat16 and got[1]["pos"].tolist() == [0, 0]
-    check_run(got, want, jnp.bfloat16, name="triton bf16")
+    check_run(got, want, jnp.bfloat16, name=f"{impl} bf16")
 
 
-def test_triton_kernel_lowers_for_cuda():
+LOWERING = {"triton": ("cuda", "NVIDIA H100 80GB HBM3", "gpu", "__gpu$xla.gpu.triton"),
+            "mosaic_tpu": ("tpu", "TPU v5 lite", "tpu", "tpu_custom_call")}
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_lowers_for_its_hardware(impl):
     from jax.sharding import AbstractDevice, AbstractMesh
 
+    platform, kind, device_platform, marker = LOWERING[impl]
     sds = jax.ShapeDtypeStruct
     f32 = jnp.float32
     shapes = dict(q=(1, 70, 2, 24), k=(1, 70, 2, 24), v=(1, 70, 2, 40), theta=(1, 70, 2),
@@ -215,8 +224,8 @@ def test_triton_kernel_lowers_for_cuda():
     args = {n: sds(s, f32) for n, s in shapes.items()}
     mem0 = {"w": sds((2, 24, 40), f32)}
 
-    def fwd(args, mem0):  # compiled kernels (interpret=False), as on a GPU
-        return titans(*(args[n] for n in GATES), mem0, block_size=16, impl="triton",
+    def fwd(args, mem0):  # compiled kernels (interpret=False), as on the hardware
+        return titans(*(args[n] for n in GATES), mem0, block_size=16, impl=impl,
                       output_final_state=True)
 
     def fwd_and_grads(args, mem0):
@@ -226,14 +235,14 @@ def test_triton_kernel_lowers_for_cuda():
         return jax.grad(loss, argnums=(0, 1))(args, mem0)
 
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=1, platform="gpu"))
+        device_kind=kind, num_cores=1, platform=device_platform))
+    name = "titans_linear_{}_" + ("triton" if impl == "triton" else "tpu")
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fwd).trace(args, mem0).lower(
-            lowering_platforms=("cuda",)).as_text()
-        assert "titans_linear_fwd_triton" in text and "__gpu$xla.gpu.triton" in text
+        text = jax.jit(fwd).trace(args, mem0).lower(lowering_platforms=(platform,)).as_text()
+        assert name.format("fwd") in text and marker in text
         text = jax.jit(fwd_and_grads).trace(args, mem0).lower(
-            lowering_platforms=("cuda",)).as_text()
-        assert "titans_linear_fwd_triton" in text and "titans_linear_bwd_triton" in text
+            lowering_platforms=(platform,)).as_text()
+        assert name.format("fwd") in text and name.format("bwd") in text
 
 
 def test_auto_is_chunked_on_cpu():
@@ -401,8 +410,10 @@ def test_bad_inputs_raise():
         run(activation="swish")
     with pytest.raises(ValueError, match="impl='triton' runs a linear memory"):
         run(impl="triton")
-    with pytest.raises(ValueError, match="impl='mosaic_tpu' is not implemented"):
+    with pytest.raises(ValueError, match="impl='mosaic_tpu' runs a linear memory"):
         run(impl="mosaic_tpu")
+    with pytest.raises(ValueError, match="impl='mosaic_gpu' is not implemented"):
+        run(impl="mosaic_gpu")
     with pytest.raises(ValueError, match=r"segment_ids must have shape \[2, 5\]"):
         run(segment_ids=jnp.ones((2, 4), jnp.int32))
     state = init_state(mem0, 2)

@@ -117,7 +117,7 @@ def test_pallas_kernels_run_per_batch_shard_under_a_mesh():
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-3000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(errors) == 4 and max(errors.values()) < 1e-3, errors
+    assert len(errors) == 6 and max(errors.values()) < 1e-3, errors
 
 
 def test_bad_mesh_fails_before_anything_is_written(tmp_path):

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import pad_axis
 from pallas_kernels.titans.reference import TitansState
 
-__all__ = ["titans_chunked", "LinearFactors", "linear_kernel_factors"]
+__all__ = ["titans_chunked", "LinearFactors", "linear_kernel_factors", "run_linear_kernels"]
 
 
 def _token_grads(ws, k, v, act):
@@ -357,3 +357,21 @@ def linear_kernel_factors(q, k, v, theta, eta, alpha, *, block_size: int, k_size
                       kp=co["dp_end"][..., None] * k, a0e=co["a0_end"], ce=co["c_end"],
                       p0e=co["p0_end"])
     return f, code, pos_final
+
+
+def run_linear_kernels(q, k, v, theta, eta, alpha, state0: TitansState, *, block_size: int,
+                       k_size: int, v_size: int, recurrence) -> tuple[jax.Array, TitansState]:
+    """The shared frame of the linear-memory Pallas paths: factors in XLA, then
+    ``recurrence(factors, m0, s0)`` -> (y [B, H, N, C, Vp], M, S, M entering the last block
+    [B, H, Kp, Vp]), then unpadding and the final state (block_start = the memory the last,
+    unfinished gradient block began with, or the end memory when the blocks are full).
+    Returns (y [B, T, H, Dv] float32, final TitansState)."""
+    t_len, dk, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    f, code, pos = linear_kernel_factors(q, k, v, theta, eta, alpha, block_size=block_size,
+                                         k_size=k_size, v_size=v_size)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, k_size - dk), (0, v_size - dv)))
+    y, m, s, m_last = recurrence(f, pad(state0.memory[0]), pad(state0.momentum[0]))
+    m, s, m_last = (x[:, :, :dk, :dv] for x in (m, s, m_last))
+    block_start = jnp.where((code[:, -1] == _END)[:, None, None, None], m, m_last)
+    y = y.reshape(y.shape[:2] + (-1, v_size))[:, :, :t_len, :dv]  # [B, H, T, Dv]
+    return jnp.moveaxis(y, 1, 2), TitansState((m,), (s,), (block_start,), pos)

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.common import next_pow2
-from pallas_kernels.titans.chunked import _END, linear_kernel_factors
+from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 
 __all__ = ["supports", "fwd_call", "bwd_call", "recurrence", "titans_linear_triton"]
@@ -226,21 +226,18 @@ def titans_linear_triton(q, k, v, theta, eta, alpha, state0: TitansState, *, blo
     q, k [B, T, H, Dk]; v [B, T, H, Dv]; gates [B, T, H]; state0 memory/momentum 1 x
     [B, H, Dk, Dv] float32. Returns (y [B, T, H, Dv] float32, final TitansState).
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    kp_, vp_ = max(16, next_pow2(K)), max(16, next_pow2(V))
-    f, code, pos = linear_kernel_factors(q, k, v, theta, eta, alpha, block_size=block_size,
-                                         k_size=kp_, v_size=vp_)
-    N = f.a0e.shape[-1]
-    flat = lambda x: x.reshape(B * H, N * block_size, x.shape[-1])      # [BH, Tp, D]
-    pad_state = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, kp_ - K), (0, vp_ - V))).reshape(
-        B * H, kp_, vp_)
-    y, m, s, m_last = recurrence(
-        flat(f.qa), flat(f.qc), flat(f.k), flat(f.v), flat(f.pm), flat(f.kd), flat(f.kp),
-        f.a0e.reshape(B * H, N), f.ce.reshape(B * H, N), f.p0e.reshape(B * H, N),
-        pad_state(state0.memory[0]), pad_state(state0.momentum[0]), block_size, interpret)
-    unpad = lambda x: x.reshape(B, H, kp_, vp_)[:, :, :K, :V]
-    m, s, m_last = unpad(m), unpad(s), unpad(m_last)
-    block_start = jnp.where((code[:, -1] == _END)[:, None, None, None], m, m_last)
-    y = y.reshape(B, H, N * block_size, vp_)[:, :, :T, :V]
-    return jnp.moveaxis(y, 1, 2), TitansState((m,), (s,), (block_start,), pos)
+    B, _, H, K = q.shape
+    kp, vp = max(16, next_pow2(K)), max(16, next_pow2(v.shape[-1]))
+
+    def run(f, m0, s0):
+        n = f.a0e.shape[-1]
+        flat = lambda x: x.reshape(B * H, n * block_size, x.shape[-1])   # [BH, Tp, D]
+        scal = lambda x: x.reshape(B * H, n)
+        state = lambda x: x.reshape(B * H, kp, vp)
+        out = recurrence(flat(f.qa), flat(f.qc), flat(f.k), flat(f.v), flat(f.pm), flat(f.kd),
+                         flat(f.kp), scal(f.a0e), scal(f.ce), scal(f.p0e), state(m0), state(s0),
+                         block_size, interpret)
+        return tuple(x.reshape((B, H) + x.shape[1:]) for x in out)
+
+    return run_linear_kernels(q, k, v, theta, eta, alpha, state0, block_size=block_size,
+                              k_size=kp, v_size=vp, recurrence=run)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import (check_float, check_range, check_segment_ids, check_shape,
                                    resolve_impl, segment_masks, shard_over_batch)
 from pallas_kernels.titans import gpu as _gpu
+from pallas_kernels.titans import tpu as _tpu
 from pallas_kernels.titans.chunked import titans_chunked
 from pallas_kernels.titans.reference import (TitansState, get_activation, titans_reference,
                                               token_step)
@@ -43,6 +44,9 @@ __all__ = ["titans", "titans_step", "init_state", "memory_names"]
 
 _OP = "titans"
 _STATE_KEYS = ("memory", "momentum", "block_start", "pos")
+# The linear-memory Pallas kernels and the gradient-block sizes their tiles allow.
+_KERNELS = {"triton": _gpu, "mosaic_tpu": _tpu}
+_KERNEL_BLOCKS = {"triton": "a power of two >= 16", "mosaic_tpu": "a multiple of 8"}
 
 
 def memory_names(memory: dict) -> tuple[str, ...]:
@@ -149,9 +153,10 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
     memory0/momentum0 as the state before token 0; memory0 stays the reset target of later
     documents. ``debug_checks=True`` verifies θ >= 0 and η, α in [0, 1] with ``checkify``
     (raises eagerly; under ``jax.jit`` wrap the jitted caller in ``checkify.checkify``).
-    ``impl="triton"`` (the GPU default where it applies) runs the Pallas kernels of ``gpu.py``:
-    linear memory, no ``segment_ids`` / ``initial_state``, block_size a power of two >= 16;
-    elsewhere "auto" takes "chunked". ``interpret`` runs the kernels in Pallas' interpreter.
+    ``impl="triton"`` / ``"mosaic_tpu"`` (the GPU / TPU default where they apply) run the Pallas
+    kernels of ``gpu.py`` / ``tpu.py``: linear memory, no ``segment_ids`` / ``initial_state``,
+    block_size a power of two >= 16 (Triton) or a multiple of 8 (TPU); elsewhere "auto" takes
+    "chunked". ``interpret`` runs the kernels in Pallas' interpreter.
     Returns (y [B, T, H, Dv] in q's dtype, final state dict or None).
     """
     check_float(_OP, q=q, k=k, v=v, theta=theta, eta=eta, alpha=alpha)
@@ -169,16 +174,17 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
     act = get_activation(activation)
     check_segment_ids(_OP, segment_ids, bsz, t_len)
     names = memory_names(memory0)
-    kernel_ok = (names == ("w",) and segment_ids is None and initial_state is None
-                 and _gpu.supports(block_size))
-    if impl == "triton" and not kernel_ok:
-        raise ValueError(f"{_OP}: impl='triton' runs a linear memory ({{'w': ...}}) with no "
-                         f"segment_ids or initial_state and block_size a power of two >= 16 "
-                         f"(got keys {list(names)}, block_size={block_size}, segment_ids "
+    simple = names == ("w",) and segment_ids is None and initial_state is None
+    kernels = tuple(name for name, mod in _KERNELS.items() if simple and mod.supports(block_size))
+    if impl in _KERNELS and impl not in kernels:
+        raise ValueError(f"{_OP}: impl={impl!r} runs a linear memory ({{'w': ...}}) with no "
+                         f"segment_ids or initial_state and block_size "
+                         f"{_KERNEL_BLOCKS[impl]} (got keys {list(names)}, "
+                         f"block_size={block_size}, segment_ids "
                          f"{'set' if segment_ids is not None else 'None'}, initial_state "
                          f"{'set' if initial_state is not None else 'None'}); use "
                          f"impl='chunked'")
-    impl = resolve_impl(_OP, impl, ("reference", "chunked") + (("triton",) if kernel_ok else ()))
+    impl = resolve_impl(_OP, impl, ("reference", "chunked") + kernels)
     if debug_checks:
         _check_gate_values(theta, eta, alpha)
 
@@ -199,11 +205,12 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
                                           False), bsz)
         state0 = TitansState(mem, mom, mem, None)  # pos None: statically 0
 
-    if impl == "triton":
+    if impl in _KERNELS:
+        kernel = (_gpu.titans_linear_triton if impl == "triton" else _tpu.titans_linear_tpu)
+
         def run(q, k, v, theta, eta, alpha, m, s):
-            y, st = _gpu.titans_linear_triton(q, k, v, theta, eta, alpha,
-                                              TitansState((m,), (s,), (m,), None),
-                                              block_size=block_size, interpret=interpret)
+            y, st = kernel(q, k, v, theta, eta, alpha, TitansState((m,), (s,), (m,), None),
+                           block_size=block_size, interpret=interpret)
             return y, st.memory[0], st.momentum[0], st.block_start[0], st.pos
 
         y, *parts = shard_over_batch(run, q, k, v, theta, eta, alpha, state0.memory[0],
