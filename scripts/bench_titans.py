@@ -1,4 +1,5 @@
-"""Benchmark cases for the Titans memory op: chunked vs the token reference
+"""Benchmark cases for the Titans memory op: chunked vs the token reference, plus the
+linear-memory Pallas kernel of the backend ("triton" on a GPU, "mosaic_tpu" on a TPU)
 (run them with `python scripts/bench_kernels.py --ops titans`).
 
 ``cases()`` returns one dict per (impl, T, memory): ``{"op": "titans", "impl", "T", "H", "D",
@@ -62,6 +63,14 @@ def _case(impl: str, t: int, memory: str) -> dict:
             "fwd_bwd": fwd_bwd, "lower": lower}
 
 
+_KERNEL_BY_BACKEND = {"gpu": "triton", "tpu": "mosaic_tpu"}
+
+
 def cases() -> list[dict]:
-    """Chunked and reference, T in (1024, 4096), linear and 2-layer MLP memory, block 16."""
-    return [_case(impl, t, memory) for t in LENGTHS for memory in MEMORIES for impl in IMPLS]
+    """Chunked and reference, T in (1024, 4096), linear and 2-layer MLP memory, block 16; the
+    backend's kernel for linear memory."""
+    out = [_case(impl, t, memory) for t in LENGTHS for memory in MEMORIES for impl in IMPLS]
+    kernel = _KERNEL_BY_BACKEND.get(jax.default_backend())
+    if kernel:
+        out += [_case(kernel, t, "linear") for t in LENGTHS]
+    return out
