@@ -29,6 +29,9 @@ __all__ = [
     "next_pow2",
     "expand_groups",
     "shard_over_batch",
+    "mm",
+    "mm_tn",
+    "mm_nt",
 ]
 
 IMPLS = ("auto", "reference", "chunked", "xla", "triton", "mosaic_tpu", "mosaic_gpu")
@@ -78,6 +81,28 @@ def check_segment_ids(op: str, segment_ids, batch: int, length: int) -> None:
     check_shape(op, "segment_ids", segment_ids, (batch, length))
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise TypeError(f"{op}: segment_ids must be an integer array [B, T], got {segment_ids.dtype}")
+
+
+def _dot(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+# Matmuls of 2-D tiles inside the Pallas kernels: float32 results at HIGHEST precision (IEEE
+# float32 on GPU, where Triton's default would be TF32).
+def mm(a, b):
+    """a @ b."""
+    return _dot(a, b, ((1,), (0,)))
+
+
+def mm_tn(a, b):
+    """aᵀ @ b."""
+    return _dot(a, b, ((0,), (0,)))
+
+
+def mm_nt(a, b):
+    """a @ bᵀ."""
+    return _dot(a, b, ((1,), (1,)))
 
 
 def check_range(op: str, name: str, x, lo: float | None = None, hi: float | None = None) -> None:

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels.common import next_pow2
+from pallas_kernels.common import mm, mm_nt, mm_tn, next_pow2
 from pallas_kernels.gated_delta.chunked import from_chunks, kernel_factors
 
 __all__ = ["CHUNK", "fwd_call", "bwd_call", "recurrence", "gated_delta_rule_triton"]
@@ -39,22 +39,6 @@ BLOCK_V_FWD = 64
 BLOCK_V_BWD = 32
 NUM_WARPS = 4
 NUM_STAGES = 1
-_HI = lax.Precision.HIGHEST
-
-
-def _mm(a, b):        # a @ b
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HI,
-                           preferred_element_type=jnp.float32)
-
-
-def _mm_tn(a, b):     # aᵀ @ b
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HI,
-                           preferred_element_type=jnp.float32)
-
-
-def _mm_nt(a, b):     # a @ bᵀ
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HI,
-                           preferred_element_type=jnp.float32)
 
 
 def _params():
@@ -68,9 +52,9 @@ def _fwd_kernel(qg_ref, p_ref, w_ref, u_ref, kg_ref, lam_ref, s0_ref, o_ref, fin
         rows = pl.ds(c * chunk, chunk)
         if states_ref:
             states_ref[0][pl.ds(c * k_size, k_size), :] = s
-        delta = u_ref[rows, :] - _mm(w_ref[rows, :], s)                  # [C, BV]
-        o_ref[rows, :] = _mm(qg_ref[rows, :], s) + _mm(p_ref[rows, :], delta)
-        return lam_ref[c] * s + _mm_tn(kg_ref[rows, :], delta)
+        delta = u_ref[rows, :] - mm(w_ref[rows, :], s)                  # [C, BV]
+        o_ref[rows, :] = mm(qg_ref[rows, :], s) + mm(p_ref[rows, :], delta)
+        return lam_ref[c] * s + mm_tn(kg_ref[rows, :], delta)
 
     final_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
 
@@ -113,16 +97,16 @@ def _bwd_kernel(qg_ref, p_ref, w_ref, u_ref, kg_ref, lam_ref, states_ref, do_ref
         rows = pl.ds(c * chunk, chunk)
         s = states_ref[pl.ds(c * k_size, k_size), :]                     # S_c [K, BV]
         w = w_ref[rows, :]
-        delta = u_ref[rows, :] - _mm(w, s)
+        delta = u_ref[rows, :] - mm(w, s)
         do = do_ref[rows, :]
-        dd = _mm_tn(p_ref[rows, :], do) + _mm(kg_ref[rows, :], ds)       # ∂L/∂δ [C, BV]
-        dqg_ref[rows, :] = _mm_nt(do, s)
-        dp_ref[rows, :] = _mm_nt(do, delta)
-        dkg_ref[rows, :] = _mm_nt(delta, ds)
-        dw_ref[rows, :] = -_mm_nt(dd, s)
+        dd = mm_tn(p_ref[rows, :], do) + mm(kg_ref[rows, :], ds)       # ∂L/∂δ [C, BV]
+        dqg_ref[rows, :] = mm_nt(do, s)
+        dp_ref[rows, :] = mm_nt(do, delta)
+        dkg_ref[rows, :] = mm_nt(delta, ds)
+        dw_ref[rows, :] = -mm_nt(dd, s)
         du_ref[rows, :] = dd
         dlam_ref[c] = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)
-        return _mm_tn(qg_ref[rows, :], do) + lam_ref[c] * ds - _mm_tn(w, dd)
+        return mm_tn(qg_ref[rows, :], do) + lam_ref[c] * ds - mm_tn(w, dd)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
 

@@ -23,10 +23,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import mm, mm_nt
 from pallas_kernels.gated_delta.chunked import from_chunks, kernel_factors
 
 __all__ = ["CHUNK", "LANE", "fwd_call", "bwd_call", "vmem_bytes", "recurrence",
@@ -34,13 +34,6 @@ __all__ = ["CHUNK", "LANE", "fwd_call", "bwd_call", "vmem_bytes", "recurrence",
 
 CHUNK = 64
 LANE = 128
-_HI = lax.Precision.HIGHEST
-_NN = (((1,), (0,)), ((), ()))
-_NT = (((1,), (1,)), ((), ()))
-
-
-def _mm(a, b, dims=_NN):
-    return lax.dot_general(a, b, dims, precision=_HI, preferred_element_type=jnp.float32)
 
 
 def _params():
@@ -72,9 +65,9 @@ def _fwd_kernel(qg_ref, p_ref, w_ref, u_ref, kgt_ref, lam_ref, s0_ref, o_ref, fi
     s = s_ref[...]                                                       # S_c [K, V]
     if with_states:
         states_ref[...] = s
-    delta = u_ref[...] - _mm(w_ref[...], s)                              # [C, V]
-    o_ref[...] = _mm(qg_ref[...], s) + _mm(p_ref[...], delta)
-    s_new = lam_ref[...] * s + _mm(kgt_ref[...], delta)
+    delta = u_ref[...] - mm(w_ref[...], s)                              # [C, V]
+    o_ref[...] = mm(qg_ref[...], s) + mm(p_ref[...], delta)
+    s_new = lam_ref[...] * s + mm(kgt_ref[...], delta)
     s_ref[...] = s_new
 
     @pl.when(c == n_chunks - 1)           # static count: pl.num_programs went stale in jax
@@ -116,16 +109,16 @@ def _bwd_kernel(qgt_ref, pt_ref, w_ref, wt_ref, u_ref, kg_ref, lam_ref, states_r
 
     ds = ds_ref[...]                                                     # ∂L/∂S_{c+1} [K, V]
     s = states_ref[...]                                                  # S_c
-    delta = u_ref[...] - _mm(w_ref[...], s)                              # [C, V]
+    delta = u_ref[...] - mm(w_ref[...], s)                              # [C, V]
     do = do_ref[...]
-    dd = _mm(pt_ref[...], do) + _mm(kg_ref[...], ds)                     # ∂L/∂δ [C, V]
-    dqg_ref[...] = _mm(do, s, _NT)
-    dp_ref[...] = _mm(do, delta, _NT)
-    dkg_ref[...] = _mm(delta, ds, _NT)
-    dw_ref[...] = -_mm(dd, s, _NT)
+    dd = mm(pt_ref[...], do) + mm(kg_ref[...], ds)                     # ∂L/∂δ [C, V]
+    dqg_ref[...] = mm_nt(do, s)
+    dp_ref[...] = mm_nt(do, delta)
+    dkg_ref[...] = mm_nt(delta, ds)
+    dw_ref[...] = -mm_nt(dd, s)
     du_ref[...] = dd
     dlam_ref[...] = jnp.sum(jnp.sum(s * ds, axis=1, keepdims=True), axis=0, keepdims=True)
-    ds_new = _mm(qgt_ref[...], do) + lam_ref[...] * ds - _mm(wt_ref[...], dd)
+    ds_new = mm(qgt_ref[...], do) + lam_ref[...] * ds - mm(wt_ref[...], dd)
     ds_ref[...] = ds_new
 
     @pl.when(c == n_chunks - 1)

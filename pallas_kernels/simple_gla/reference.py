@@ -18,7 +18,6 @@ per token and is meant for tests and short sequences, not for training).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

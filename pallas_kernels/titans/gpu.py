@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels.common import next_pow2
+from pallas_kernels.common import mm, mm_nt, mm_tn, next_pow2
 from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 
@@ -43,27 +43,11 @@ __all__ = ["supports", "fwd_call", "bwd_call", "recurrence", "titans_linear_trit
 BLOCK_V = 32
 NUM_WARPS = 4
 NUM_STAGES = 1
-_HI = lax.Precision.HIGHEST
 
 
 def supports(block_size: int) -> bool:
     """Triton's ``tl.dot`` needs power-of-two tiles of at least 16 rows."""
     return block_size >= 16 and block_size & (block_size - 1) == 0
-
-
-def _mm(a, b):        # a @ b
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HI,
-                           preferred_element_type=jnp.float32)
-
-
-def _mm_tn(a, b):     # aᵀ @ b
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HI,
-                           preferred_element_type=jnp.float32)
-
-
-def _mm_nt(a, b):     # a @ bᵀ
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HI,
-                           preferred_element_type=jnp.float32)
 
 
 def _params():
@@ -87,11 +71,11 @@ def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, c
         if states:
             states[0][pl.ds(c * k_size, k_size), :] = m
             states[1][pl.ds(c * k_size, k_size), :] = s
-        e = 2.0 * (_mm(k_ref[rows, :], m) - v_ref[rows, :])              # [C, BV]
-        y_ref[rows, :] = _mm(qa_ref[rows, :], m) + _mm(qc_ref[rows, :], s) - _mm(
+        e = 2.0 * (mm(k_ref[rows, :], m) - v_ref[rows, :])              # [C, BV]
+        y_ref[rows, :] = mm(qa_ref[rows, :], m) + mm(qc_ref[rows, :], s) - mm(
             pm_ref[rows, :], e)
-        m_new = a0e_ref[c] * m + ce_ref[c] * s - _mm_tn(kd_ref[rows, :], e)
-        s_new = p0e_ref[c] * s - _mm_tn(kp_ref[rows, :], e)
+        m_new = a0e_ref[c] * m + ce_ref[c] * s - mm_tn(kd_ref[rows, :], e)
+        s_new = p0e_ref[c] * s - mm_tn(kp_ref[rows, :], e)
         return m_new, s_new, m
 
     m0 = m0_ref[...]
@@ -141,22 +125,22 @@ def _bwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, c
         s = ss_ref[pl.ds(c * k_size, k_size), :]
         k, qa, qc = k_ref[rows, :], qa_ref[rows, :], qc_ref[rows, :]
         kd, kp = kd_ref[rows, :], kp_ref[rows, :]
-        e = 2.0 * (_mm(k, m) - v_ref[rows, :])                            # [C, BV]
+        e = 2.0 * (mm(k, m) - v_ref[rows, :])                            # [C, BV]
         dy = dy_ref[rows, :]
-        de = -_mm_tn(pm_ref[rows, :], dy) - _mm(kd, dm) - _mm(kp, ds)     # ∂L/∂E [C, BV]
-        dqa_ref[rows, :] = _mm_nt(dy, m)
-        dqc_ref[rows, :] = _mm_nt(dy, s)
-        dpm_ref[rows, :] = -_mm_nt(dy, e)
-        dkd_ref[rows, :] = -_mm_nt(e, dm)
-        dkp_ref[rows, :] = -_mm_nt(e, ds)
-        dk_ref[rows, :] = 2.0 * _mm_nt(de, m)
+        de = -mm_tn(pm_ref[rows, :], dy) - mm(kd, dm) - mm(kp, ds)     # ∂L/∂E [C, BV]
+        dqa_ref[rows, :] = mm_nt(dy, m)
+        dqc_ref[rows, :] = mm_nt(dy, s)
+        dpm_ref[rows, :] = -mm_nt(dy, e)
+        dkd_ref[rows, :] = -mm_nt(e, dm)
+        dkp_ref[rows, :] = -mm_nt(e, ds)
+        dk_ref[rows, :] = 2.0 * mm_nt(de, m)
         dv_ref[rows, :] = -2.0 * de
         da0e_ref[c] = jnp.sum(jnp.sum(m * dm, axis=1), axis=0)
         dce_ref[c] = jnp.sum(jnp.sum(s * dm, axis=1), axis=0)
         dp0e_ref[c] = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)
-        dm_new = _mm_tn(qa, dy) + a0e_ref[c] * dm + 2.0 * _mm_tn(k, de)
+        dm_new = mm_tn(qa, dy) + a0e_ref[c] * dm + 2.0 * mm_tn(k, de)
         dm_new = dm_new + (c == n_blocks - 1).astype(jnp.float32) * dm_last
-        ds_new = _mm_tn(qc, dy) + ce_ref[c] * dm + p0e_ref[c] * ds
+        ds_new = mm_tn(qc, dy) + ce_ref[c] * dm + p0e_ref[c] * ds
         return dm_new, ds_new
 
     dm0, ds0 = lax.fori_loop(0, n_blocks, body, (dm_ref[...], ds_ref[...]))

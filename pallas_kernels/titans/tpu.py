@@ -27,28 +27,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import mm, mm_nt
 from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 
 __all__ = ["supports", "fwd_call", "bwd_call", "recurrence", "titans_linear_tpu"]
 
 LANE = 128
-_HI = lax.Precision.HIGHEST
-_NN = (((1,), (0,)), ((), ()))
-_NT = (((1,), (1,)), ((), ()))
 
 
 def supports(block_size: int) -> bool:
     """Blocks of b rows must fill whole (8, 128) sublane tiles."""
     return block_size % 8 == 0
-
-
-def _mm(a, b, dims=_NN):
-    return lax.dot_general(a, b, dims, precision=_HI, preferred_element_type=jnp.float32)
 
 
 def _params():
@@ -85,10 +78,10 @@ def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kdt_ref, kpt_ref, a0e_ref,
     if with_states:
         ms_ref[...] = m
         ss_ref[...] = s
-    e = 2.0 * (_mm(k_ref[...], m) - v_ref[...])                           # [C, V]
-    y_ref[...] = _mm(qa_ref[...], m) + _mm(qc_ref[...], s) - _mm(pm_ref[...], e)
-    m_new = a0e_ref[...] * m + ce_ref[...] * s - _mm(kdt_ref[...], e)
-    s_new = p0e_ref[...] * s - _mm(kpt_ref[...], e)
+    e = 2.0 * (mm(k_ref[...], m) - v_ref[...])                           # [C, V]
+    y_ref[...] = mm(qa_ref[...], m) + mm(qc_ref[...], s) - mm(pm_ref[...], e)
+    m_new = a0e_ref[...] * m + ce_ref[...] * s - mm(kdt_ref[...], e)
+    s_new = p0e_ref[...] * s - mm(kpt_ref[...], e)
     m_ref[...] = m_new
     s_ref[...] = s_new
 
@@ -138,22 +131,22 @@ def _bwd_kernel(qat_ref, qct_ref, k_ref, kt_ref, v_ref, pmt_ref, kd_ref, kp_ref,
 
     dm, ds = dm_ref[...], ds_ref[...]                                     # leaving block c
     m, s = ms_ref[...], ss_ref[...]                                       # entering block c
-    e = 2.0 * (_mm(k_ref[...], m) - v_ref[...])                           # [C, V]
+    e = 2.0 * (mm(k_ref[...], m) - v_ref[...])                           # [C, V]
     dy = dy_ref[...]
-    de = -_mm(pmt_ref[...], dy) - _mm(kd_ref[...], dm) - _mm(kp_ref[...], ds)
-    dqa_ref[...] = _mm(dy, m, _NT)
-    dqc_ref[...] = _mm(dy, s, _NT)
-    dpm_ref[...] = -_mm(dy, e, _NT)
-    dkd_ref[...] = -_mm(e, dm, _NT)
-    dkp_ref[...] = -_mm(e, ds, _NT)
-    dk_ref[...] = 2.0 * _mm(de, m, _NT)
+    de = -mm(pmt_ref[...], dy) - mm(kd_ref[...], dm) - mm(kp_ref[...], ds)
+    dqa_ref[...] = mm_nt(dy, m)
+    dqc_ref[...] = mm_nt(dy, s)
+    dpm_ref[...] = -mm_nt(dy, e)
+    dkd_ref[...] = -mm_nt(e, dm)
+    dkp_ref[...] = -mm_nt(e, ds)
+    dk_ref[...] = 2.0 * mm_nt(de, m)
     dv_ref[...] = -2.0 * de
     total = lambda x: jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
     da0e_ref[...] = total(m * dm)
     dce_ref[...] = total(s * dm)
     dp0e_ref[...] = total(s * ds)
-    dm_ref[...] = _mm(qat_ref[...], dy) + a0e_ref[...] * dm + 2.0 * _mm(kt_ref[...], de)
-    ds_ref[...] = _mm(qct_ref[...], dy) + ce_ref[...] * dm + p0e_ref[...] * ds
+    dm_ref[...] = mm(qat_ref[...], dy) + a0e_ref[...] * dm + 2.0 * mm(kt_ref[...], de)
+    ds_ref[...] = mm(qct_ref[...], dy) + ce_ref[...] * dm + p0e_ref[...] * ds
 
     @pl.when(j == 0)                           # M entering the last block is also an output
     def _():
