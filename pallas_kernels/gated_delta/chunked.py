@@ -43,7 +43,7 @@ from pallas_kernels.common import expand_groups, pad_axis, segment_masks
 from pallas_kernels.gated_delta.reference import l2norm
 
 __all__ = ["DEFAULT_CHUNK", "BLOCK_ROWS", "Factors", "canonicalize", "doc_carry", "to_chunks",
-           "from_chunks", "unit_lower_inverse", "prepare", "kernel_factors",
+           "from_chunks", "unit_lower_inverse", "prepare", "kernel_factors", "run_kernels",
            "gated_delta_rule_chunked"]
 
 DEFAULT_CHUNK = 32           # CPU: 32 measured ~5-10% faster than 64 (fwd+bwd, D = 64 and 128)
@@ -279,6 +279,28 @@ def kernel_factors(q, k, v, g, beta, *, scale, segment_ids, use_qk_l2norm, chunk
         dc = docs.reshape(B, 1, Tp // chunk, chunk)
     f = prepare(bh(q), bh(k), bh(v), bh(g), bh(beta), dc, carry, scale=scale)
     return f, valid
+
+
+def run_kernels(q, k, v, g, beta, *, scale, initial_state, output_final_state, use_qk_l2norm,
+                segment_ids, chunk, k_size, v_size, recurrence):
+    """The shared frame of the Pallas paths: :func:`kernel_factors`, the initial state zero-padded
+    to [B, HV, k_size, v_size], ``recurrence(factors, s0)`` -> (o [B, HV, NC, C, v_size], final
+    [B, HV, k_size, v_size]), then unpadding (padding rows of o are 0). ``scale=None`` means
+    K**-0.5. Returns (o [B, T, HV, V] in v.dtype, final state [B, HV, K, V] float32 or None)."""
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    scale = K ** -0.5 if scale is None else scale
+    f, valid = kernel_factors(q, k, v, g, beta, scale=scale, segment_ids=segment_ids,
+                              use_qk_l2norm=use_qk_l2norm, chunk=chunk, k_size=k_size,
+                              v_size=v_size)
+    s0 = jnp.zeros((B, HV, k_size, v_size), jnp.float32)
+    if initial_state is not None:
+        s0 = s0.at[:, :, :K, :V].set(initial_state.astype(jnp.float32))
+    o, final = recurrence(f, s0)
+    o = from_chunks(o, time_major=False)[:, :T, :, :V]
+    if valid is not None:
+        o = jnp.where(valid[..., None, None], o, 0.0)
+    return o.astype(v.dtype), (final[:, :, :K, :V] if output_final_state else None)
 
 
 # --------------------------------------------------------------------------- chunk recurrence

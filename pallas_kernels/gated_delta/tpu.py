@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import mm, mm_nt
-from pallas_kernels.gated_delta.chunked import from_chunks, kernel_factors
+from pallas_kernels.gated_delta.chunked import run_kernels
 
 __all__ = ["CHUNK", "LANE", "fwd_call", "bwd_call", "vmem_bytes", "recurrence",
            "gated_delta_rule_tpu"]
@@ -214,21 +214,17 @@ def gated_delta_rule_tpu(q, k, v, g, beta, *, scale=None, initial_state=None,
                          output_final_state=False, use_qk_l2norm=False, segment_ids=None,
                          interpret=False):
     """Gated delta rule through the Mosaic TPU kernels. Shapes as in ``reference.py``."""
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    scale = K ** -0.5 if scale is None else scale
-    kp, vp = -(-K // LANE) * LANE, -(-V // LANE) * LANE
-    f, valid = kernel_factors(q, k, v, g, beta, scale=scale, segment_ids=segment_ids,
-                              use_qk_l2norm=use_qk_l2norm, chunk=CHUNK, k_size=kp, v_size=vp)
-    NC = f.lam.shape[-1]
-    flat = lambda x: x.reshape(B * HV, NC, CHUNK, x.shape[-1])           # [BH, NC, C, D]
-    s0 = jnp.zeros((B, HV, kp, vp), jnp.float32)
-    if initial_state is not None:
-        s0 = s0.at[:, :, :K, :V].set(initial_state.astype(jnp.float32))
-    o, final = recurrence(flat(f.qg), flat(f.p), flat(f.w), flat(f.u), flat(f.kg),
-                          f.lam.reshape(B * HV, NC, 1, 1), s0.reshape(B * HV, kp, vp), interpret)
-    o = from_chunks(o.reshape(B, HV, NC, CHUNK, vp), time_major=False)[:, :T, :, :V]
-    if valid is not None:
-        o = jnp.where(valid[..., None, None], o, 0.0)
-    final = final.reshape(B, HV, kp, vp)[:, :, :K, :V]
-    return o.astype(v.dtype), (final if output_final_state else None)
+    kp, vp = -(-q.shape[-1] // LANE) * LANE, -(-v.shape[-1] // LANE) * LANE
+
+    def run(f, s0):
+        B, HV, NC = f.lam.shape
+        flat = lambda x: x.reshape(B * HV, NC, CHUNK, x.shape[-1])       # [BH, NC, C, D]
+        o, final = recurrence(flat(f.qg), flat(f.p), flat(f.w), flat(f.u), flat(f.kg),
+                              f.lam.reshape(B * HV, NC, 1, 1), s0.reshape(B * HV, kp, vp),
+                              interpret)
+        return o.reshape(B, HV, NC, CHUNK, vp), final.reshape(B, HV, kp, vp)
+
+    return run_kernels(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+                       segment_ids=segment_ids, chunk=CHUNK, k_size=kp, v_size=vp,
+                       recurrence=run)

@@ -45,8 +45,11 @@ NUM_WARPS = 4
 NUM_STAGES = 1
 
 
+BLOCK_RULE = "a power of two >= 16"  # Triton's tl.dot: power-of-two tiles of at least 16 rows
+
+
 def supports(block_size: int) -> bool:
-    """Triton's ``tl.dot`` needs power-of-two tiles of at least 16 rows."""
+    """Whether the gradient block size is ``BLOCK_RULE``."""
     return block_size >= 16 and block_size & (block_size - 1) == 0
 
 
@@ -54,7 +57,9 @@ def _params():
     return pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
-def _specs(tp, k_size, chunk, n_blocks, bv):
+def _specs(tp, n_blocks, bv):
+    """Block specs over a (batch·head, value block) grid: whole rows of width d, a value-column
+    block of n rows, and the per-block scalars."""
     full = lambda d: pl.BlockSpec((None, tp, d), lambda b, j: (b, 0, 0))
     cols = lambda n: pl.BlockSpec((None, n, bv), lambda b, j: (b, 0, j))
     scal = pl.BlockSpec((None, n_blocks), lambda b, j: (b, 0))
@@ -94,7 +99,7 @@ def fwd_call(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, *, chunk, block_v=B
     V = v.shape[-1]
     n_blocks = Tp // chunk
     bv = min(block_v, V)
-    full, cols, scal = _specs(Tp, K, chunk, n_blocks, bv)
+    full, cols, scal = _specs(Tp, n_blocks, bv)
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     out_shape = [sds(BH, Tp, V), sds(BH, K, V), sds(BH, K, V), sds(BH, K, V)]
     out_specs = [cols(Tp), cols(K), cols(K), cols(K)]
@@ -157,7 +162,7 @@ def bwd_call(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, ms, ss, dy, dm, ds, dmlast,
     n_blocks = Tp // chunk
     bv = min(block_v, V)
     nvb = V // bv
-    full, cols, scal = _specs(Tp, K, chunk, n_blocks, bv)
+    full, cols, scal = _specs(Tp, n_blocks, bv)
     part = lambda d: pl.BlockSpec((None, None, Tp, d), lambda b, j: (j, b, 0, 0))
     pscal = pl.BlockSpec((None, None, n_blocks), lambda b, j: (j, b, 0))
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)

@@ -46,7 +46,6 @@ _OP = "titans"
 _STATE_KEYS = ("memory", "momentum", "block_start", "pos")
 # The linear-memory Pallas kernels and the gradient-block sizes their tiles allow.
 _KERNELS = {"triton": _gpu, "mosaic_tpu": _tpu}
-_KERNEL_BLOCKS = {"triton": "a power of two >= 16", "mosaic_tpu": "a multiple of 8"}
 
 
 def memory_names(memory: dict) -> tuple[str, ...]:
@@ -179,7 +178,7 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
     if impl in _KERNELS and impl not in kernels:
         raise ValueError(f"{_OP}: impl={impl!r} runs a linear memory ({{'w': ...}}) with no "
                          f"segment_ids or initial_state and block_size "
-                         f"{_KERNEL_BLOCKS[impl]} (got keys {list(names)}, "
+                         f"{_KERNELS[impl].BLOCK_RULE} (got keys {list(names)}, "
                          f"block_size={block_size}, segment_ids "
                          f"{'set' if segment_ids is not None else 'None'}, initial_state "
                          f"{'set' if initial_state is not None else 'None'}); use "
@@ -206,7 +205,7 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
         state0 = TitansState(mem, mom, mem, None)  # pos None: statically 0
 
     if impl in _KERNELS:
-        kernel = (_gpu.titans_linear_triton if impl == "triton" else _tpu.titans_linear_tpu)
+        kernel = _gpu.titans_linear_triton if impl == "triton" else _tpu.titans_linear_tpu
 
         def run(q, k, v, theta, eta, alpha, m, s):
             y, st = kernel(q, k, v, theta, eta, alpha, TitansState((m,), (s,), (m,), None),

@@ -39,8 +39,11 @@ __all__ = ["supports", "fwd_call", "bwd_call", "recurrence", "titans_linear_tpu"
 LANE = 128
 
 
+BLOCK_RULE = "a multiple of 8"  # blocks of b rows fill whole (8, 128) sublane tiles
+
+
 def supports(block_size: int) -> bool:
-    """Blocks of b rows must fill whole (8, 128) sublane tiles."""
+    """Whether the gradient block size is ``BLOCK_RULE``."""
     return block_size % 8 == 0
 
 
