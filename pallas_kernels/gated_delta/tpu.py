@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import mm, mm_nt
+from pallas_kernels.tpu_grid import chunk_spec, head_spec, sequential_params
 from pallas_kernels.gated_delta.chunked import run_kernels
 
 __all__ = ["CHUNK", "LANE", "fwd_call", "bwd_call", "vmem_bytes", "recurrence",
@@ -34,22 +35,6 @@ __all__ = ["CHUNK", "LANE", "fwd_call", "bwd_call", "vmem_bytes", "recurrence",
 
 CHUNK = 64
 LANE = 128
-
-
-def _params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
-
-
-def _chunk_spec(rows, cols, reverse=False, n_chunks=None):
-    """Block [rows, cols] of chunk c (or NC-1-c) of a [BH, NC, rows, cols] array."""
-    if reverse:
-        return pl.BlockSpec((None, None, rows, cols), lambda b, c: (b, n_chunks - 1 - c, 0, 0))
-    return pl.BlockSpec((None, None, rows, cols), lambda b, c: (b, c, 0, 0))
-
-
-def _head_spec(rows, cols):
-    """Block [rows, cols] of a [BH, rows, cols] array, resident across the chunk axis."""
-    return pl.BlockSpec((None, rows, cols), lambda b, c: (b, 0, 0))
 
 
 # --------------------------------------------------------------------------- forward kernel
@@ -83,17 +68,17 @@ def fwd_call(qg, p, w, u, kgt, lam, s0, *, with_states=False, interpret=False):
     V = u.shape[-1]
     f32 = jnp.float32
     out_shape = [jax.ShapeDtypeStruct((BH, NC, C, V), f32), jax.ShapeDtypeStruct((BH, K, V), f32)]
-    out_specs = [_chunk_spec(C, V), _head_spec(K, V)]
+    out_specs = [chunk_spec(C, V), head_spec(K, V)]
     if with_states:
         out_shape.append(jax.ShapeDtypeStruct((BH, NC, K, V), f32))
-        out_specs.append(_chunk_spec(K, V))
+        out_specs.append(chunk_spec(K, V))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, with_states=with_states, n_chunks=NC),
         grid=(BH, NC), out_shape=out_shape, out_specs=out_specs,
-        in_specs=[_chunk_spec(C, K), _chunk_spec(C, C), _chunk_spec(C, K), _chunk_spec(C, V),
-                  _chunk_spec(K, C), _chunk_spec(1, 1), _head_spec(K, V)],
+        in_specs=[chunk_spec(C, K), chunk_spec(C, C), chunk_spec(C, K), chunk_spec(C, V),
+                  chunk_spec(K, C), chunk_spec(1, 1), head_spec(K, V)],
         scratch_shapes=[pltpu.VMEM((K, V), f32)],
-        compiler_params=_params(), interpret=interpret, name="gated_delta_fwd_tpu",
+        compiler_params=sequential_params(), interpret=interpret, name="gated_delta_fwd_tpu",
     )(qg, p, w, u, kgt, lam, s0)
 
 
@@ -131,20 +116,20 @@ def bwd_call(qgt, pt, w, wt, u, kg, lam, states, do, dfinal, *, interpret=False)
     Returns (dqg, dp, dw, du, dkg, dlam, ds0) shaped like their primals."""
     BH, NC, C, K = w.shape
     V = u.shape[-1]
-    rev = functools.partial(_chunk_spec, reverse=True, n_chunks=NC)
+    rev = functools.partial(chunk_spec, reverse=True, n_chunks=NC)
     f32 = jnp.float32
     sds = jax.ShapeDtypeStruct
     return pl.pallas_call(
         functools.partial(_bwd_kernel, n_chunks=NC), grid=(BH, NC),
         in_specs=[rev(K, C), rev(C, C), rev(C, K), rev(K, C), rev(C, V), rev(C, K), rev(1, 1),
-                  rev(K, V), rev(C, V), _head_spec(K, V)],
+                  rev(K, V), rev(C, V), head_spec(K, V)],
         out_specs=[rev(C, K), rev(C, C), rev(C, K), rev(C, V), rev(C, K), rev(1, 1),
-                   _head_spec(K, V)],
+                   head_spec(K, V)],
         out_shape=[sds((BH, NC, C, K), f32), sds((BH, NC, C, C), f32), sds((BH, NC, C, K), f32),
                    sds((BH, NC, C, V), f32), sds((BH, NC, C, K), f32), sds((BH, NC, 1, 1), f32),
                    sds((BH, K, V), f32)],
         scratch_shapes=[pltpu.VMEM((K, V), f32)],
-        compiler_params=_params(), interpret=interpret, name="gated_delta_bwd_tpu",
+        compiler_params=sequential_params(), interpret=interpret, name="gated_delta_bwd_tpu",
     )(qgt, pt, w, wt, u, kg, lam, states, do, dfinal)
 
 

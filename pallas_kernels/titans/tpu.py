@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import mm, mm_nt
+from pallas_kernels.tpu_grid import chunk_spec, head_spec, sequential_params
 from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 
@@ -45,22 +46,6 @@ BLOCK_RULE = "a multiple of 8"  # blocks of b rows fill whole (8, 128) sublane t
 def supports(block_size: int) -> bool:
     """Whether the gradient block size is ``BLOCK_RULE``."""
     return block_size % 8 == 0
-
-
-def _params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
-
-
-def _block_spec(rows, cols, reverse=False, n_blocks=None):
-    """Block [rows, cols] of block c (or N-1-c) of a [BH, N, rows, cols] array."""
-    if reverse:
-        return pl.BlockSpec((None, None, rows, cols), lambda b, c: (b, n_blocks - 1 - c, 0, 0))
-    return pl.BlockSpec((None, None, rows, cols), lambda b, c: (b, c, 0, 0))
-
-
-def _head_spec(rows, cols):
-    """Block [rows, cols] of a [BH, rows, cols] array, resident across the block axis."""
-    return pl.BlockSpec((None, rows, cols), lambda b, c: (b, 0, 0))
 
 
 # --------------------------------------------------------------------------- forward kernel
@@ -103,10 +88,10 @@ def fwd_call(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0, *, with_states=Fa
     [BH, N, K, V] each."""
     BH, N, C, K = qa.shape
     V = v.shape[-1]
-    blk = _block_spec
+    blk = chunk_spec
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     out_shape = [sds(BH, N, C, V)] + [sds(BH, K, V)] * 3
-    out_specs = [blk(C, V)] + [_head_spec(K, V)] * 3
+    out_specs = [blk(C, V)] + [head_spec(K, V)] * 3
     if with_states:
         out_shape += [sds(BH, N, K, V)] * 2
         out_specs += [blk(K, V)] * 2
@@ -114,9 +99,9 @@ def fwd_call(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0, *, with_states=Fa
         functools.partial(_fwd_kernel, with_states=with_states, n_blocks=N),
         grid=(BH, N), out_shape=out_shape, out_specs=out_specs,
         in_specs=[blk(C, K), blk(C, K), blk(C, K), blk(C, V), blk(C, C), blk(K, C), blk(K, C),
-                  blk(1, 1), blk(1, 1), blk(1, 1), _head_spec(K, V), _head_spec(K, V)],
+                  blk(1, 1), blk(1, 1), blk(1, 1), head_spec(K, V), head_spec(K, V)],
         scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)] * 2,
-        compiler_params=_params(), interpret=interpret, name="titans_linear_fwd_tpu",
+        compiler_params=sequential_params(), interpret=interpret, name="titans_linear_fwd_tpu",
     )(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0)
 
 
@@ -168,8 +153,8 @@ def bwd_call(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf
     (qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0) shaped like their primals."""
     BH, N, C, K = k.shape
     V = v.shape[-1]
-    rev = functools.partial(_block_spec, reverse=True, n_blocks=N)
-    head = _head_spec(K, V)
+    rev = functools.partial(chunk_spec, reverse=True, n_chunks=N)
+    head = head_spec(K, V)
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     return tuple(pl.pallas_call(
         functools.partial(_bwd_kernel, n_blocks=N), grid=(BH, N),
@@ -181,7 +166,7 @@ def bwd_call(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf
         out_shape=[sds(BH, N, C, K)] * 3 + [sds(BH, N, C, V), sds(BH, N, C, C)]
         + [sds(BH, N, C, K)] * 2 + [sds(BH, N, 1, 1)] * 3 + [sds(BH, K, V)] * 2,
         scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)] * 2,
-        compiler_params=_params(), interpret=interpret, name="titans_linear_bwd_tpu",
+        compiler_params=sequential_params(), interpret=interpret, name="titans_linear_bwd_tpu",
     )(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast))
 
 
