@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from configs import mqar as mqar_config  # noqa: E402
 from train.data import load_data  # noqa: E402
 from train.eval import recall_accuracy  # noqa: E402
-from train.loop import to_global  # noqa: E402
+from train.sharding import to_global  # noqa: E402
 from train.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
 from train.state import TrainState, build_model_config  # noqa: E402
 from train.step import make_train_step  # noqa: E402

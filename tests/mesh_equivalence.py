@@ -12,7 +12,7 @@ import ml_collections  # noqa: E402
 
 from tests.train_utils import tiny_config  # noqa: E402
 from train.data import load_data  # noqa: E402
-from train.loop import to_global  # noqa: E402
+from train.sharding import to_global  # noqa: E402
 from train.sharding import batch_sharding, make_mesh, replicated  # noqa: E402
 from train.state import TrainState, build_model_config  # noqa: E402
 from train.step import make_train_step  # noqa: E402

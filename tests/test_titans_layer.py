@@ -189,7 +189,7 @@ def test_titans_trains_on_mqar_without_diverging():
     sequence. It must now train past that point with a falling loss."""
     from configs import mqar as mqar_config
     from train.data import load_data
-    from train.loop import to_global
+    from train.sharding import to_global
     from train.sharding import batch_sharding, make_mesh, replicated
     from train.state import TrainState, build_model_config
     from train.step import make_train_step

@@ -27,7 +27,8 @@ from flax import nnx
 
 from train.checkpoint import CheckpointError
 from train.data import DataError, load_data
-from train.loop import evaluate_heldout, to_global
+from train.loop import evaluate_heldout
+from train.sharding import to_global
 from train.metrics import MetricsWriter
 from train.restore import Restored, restore_run
 from train.sharding import batch_sharding

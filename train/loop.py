@@ -20,18 +20,12 @@ from train.checkpoint import Checkpointer, CheckpointError
 from train.data import load_data
 from train.optimizer import make_schedule
 from train.metrics import MetricsWriter, device_peak_flops, flops_per_token
-from train.sharding import batch_sharding, make_mesh, replicated
+from train.sharding import batch_sharding, make_mesh, replicated, to_global
 from train.state import TrainState, abstract_of, build_model_config
 from train.step import make_eval_step, make_train_step
 from zoo.config import ConfigError
 
 __all__ = ["train_and_evaluate", "evaluate_heldout", "to_global"]
-
-
-def to_global(batch: dict, sharding) -> dict:
-    """Host-local numpy batch -> global jax arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
 
 
 def evaluate_heldout(ts: TrainState, params, data, batch_size: int, max_batches: int) -> dict:

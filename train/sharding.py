@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 __all__ = ["MESH_AXES", "RULES", "make_mesh", "param_specs", "param_axes", "no_decay_mask",
-           "batch_sharding", "replicated"]
+           "batch_sharding", "replicated", "to_global"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -97,3 +97,9 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def to_global(batch: dict, sharding) -> dict:
+    """Host-local numpy batch -> global jax arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
