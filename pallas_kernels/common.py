@@ -2,8 +2,9 @@
 
 The one place that resolves ``impl="auto"`` is :func:`resolve_impl`: "chunked" on CPU (and for
 ops with no kernel on the current backend), "triton" on GPU, "mosaic_tpu" on TPU, decided from
-``jax.default_backend()`` because ``lax.platform_dependent`` cannot carry per-backend Pallas
-compiler params (FIELD_NOTES.md).
+``jax.default_backend()`` before a ``pallas_call`` is built: a ``lax.platform_dependent`` whose
+branches carry different backends' Pallas compiler params fails at lowering ("Compiler params
+for platform tpu cannot be used for gpu lowering").
 """
 
 from __future__ import annotations

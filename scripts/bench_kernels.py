@@ -1,15 +1,19 @@
-"""Kernel benchmark: forward and forward+backward time, tokens/s and peak memory per op and
-implementation, on the current backend. Prints a table and writes JSON.
+"""Benchmark every op's implementations; print a table and write JSON to --out.
 
-    python scripts/bench_kernels.py [--ops simple_gla,gated_delta_rule,titans] [--T 1024,4096]
-                                    [--impls chunked,peer:jla-chunked] [--out results/bench.json]
+For every op, implementation and shape on the current backend: forward and
+forward+backward time and tokens/s, and peak memory. The cases come from
+scripts/bench_<op>.py (`cases()` -> dicts with op, impl, T, fwd, fwd_bwd, lower
+and shape fields). The implementations of one (op, shape) are timed
+interleaved: each timing is the best of --reps calls after a compile and
+warm-up call, and the best of --rounds such rounds is kept. Peak memory is the
+compiled forward+backward's temporary + output bytes (XLA's memory analysis),
+so it is comparable across implementations on any backend.
 
-On CPU the process pins itself to one core with single-threaded Eigen before importing jax
-(FIELD_NOTES.md: multi-threaded XLA collapses when the other core is busy), and the
-implementations of one (op, shape) are timed interleaved, best of `--reps` x `--rounds`.
-Peak memory is the compiled executable's temporary + output bytes (XLA's memory analysis), so
-it is comparable across implementations on any backend. Each op contributes its cases from
-`scripts/bench_<op>.py` (`cases()` -> dicts with op, impl, T, fwd, fwd_bwd, lower and shape fields).
+On CPU the process pins itself to one core (environment variable BENCH_CORE,
+default 0) with single-threaded Eigen before it imports jax: multi-threaded
+XLA on CPU slows down by up to ~100x when another process holds one of the
+cores (a 1k-token gated-delta forward+backward went from ~11 ms to ~1 s on a
+2-core machine), so unpinned timings on a shared machine are noise.
 """
 
 from __future__ import annotations
@@ -28,13 +32,21 @@ if __name__ == "__main__" and not _ON_GPU_OR_TPU:  # before jax is imported
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-
 OPS = {"simple_gla": "bench_simple_gla", "gated_delta_rule": "bench_gated_delta", "titans": "bench_titans"}
+# Every implementation name a case module can produce; which of them run depends on the backend.
+IMPLS = ("chunked", "reference", "triton", "mosaic_tpu", "peer:jla-chunked")
 SHAPE_KEYS = ("T", "H", "D", "memory")
+
+EXAMPLES = """examples:
+  python scripts/bench_kernels.py
+  python scripts/bench_kernels.py --ops simple_gla,gated_delta_rule --T 1024 \\
+      --impls chunked,peer:jla-chunked --out results/bench_cpu.json
+"""
 
 
 def _time(fn, reps: int, clock) -> float:
+    import jax
+
     jax.block_until_ready(fn())  # compile + warm-up
     best = float("inf")
     for _ in range(reps):
@@ -69,22 +81,93 @@ def _load_cases(op: str, lengths, impls):
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", default=",".join(OPS))
-    p.add_argument("--T", default="", help="comma list of lengths (default: each op's own)")
-    p.add_argument("--impls", default="", help="comma list (default: all available)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2)
+def _names(known, what, allow_empty=False):
+    """argparse type: a comma-separated list of names from `known` -> a tuple."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(s.strip() for s in text.split(",") if s.strip())
+        if not names and not allow_empty:
+            raise argparse.ArgumentTypeError(f"expected at least one {what} "
+                                             f"(choose from {', '.join(known)})")
+        unknown = [s for s in names if s not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown))} "
+                                             f"(choose from {', '.join(known)})")
+        return names
+    return parse
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: a comma-separated list of positive integers -> a tuple."""
+    try:
+        values = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", type=_names(tuple(OPS), "op"), default=",".join(OPS),
+                   metavar="OP[,OP...]",
+                   help=f"ops to benchmark, comma-separated, from: {', '.join(OPS)} "
+                        "(default: %(default)s)")
+    p.add_argument("--T", type=_positive_ints, default="", metavar="T[,T...]",
+                   help="sequence lengths to keep, comma-separated; simple_gla and "
+                        "gated_delta_rule have 1024, 4096, 16384, titans has 1024, 4096 "
+                        "(default: all of each op's lengths)")
+    p.add_argument("--impls", type=_names(IMPLS, "implementation", allow_empty=True), default="",
+                   metavar="IMPL[,IMPL...]",
+                   help="implementations to keep, comma-separated, from: chunked; reference "
+                        "(T <= 4096 for simple_gla and gated_delta_rule); triton (GPU); "
+                        "mosaic_tpu (TPU, titans); peer:jla-chunked (simple_gla and "
+                        "gated_delta_rule, when the jax-linear-attention package is installed) "
+                        "(default: every one available on this backend)")
+    p.add_argument("--reps", type=_positive_int, default=3, metavar="N",
+                   help="timed calls per measurement after the warm-up call; the best is kept "
+                        "(default: %(default)s)")
+    p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
+                   help="interleaved rounds over the implementations of one (op, shape); the "
+                        "best round is kept (default: %(default)s)")
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="cpu: process CPU time (one pinned thread; robust to other jobs on the "
-                        "machine); wall: elapsed time; auto: cpu on the CPU backend, else wall")
-    p.add_argument("--out", default="results/bench_kernels.json")
-    args = p.parse_args()
+                        "machine); wall: elapsed time; auto: cpu on the CPU backend, else wall "
+                        "(default: %(default)s)")
+    p.add_argument("--out", default="results/bench_kernels.json", metavar="PATH",
+                   help="JSON file to write ({'env': ..., 'rows': [...]}); its folder is "
+                        "created (default: %(default)s)")
+    return p
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    modules = {op: __import__(OPS[op]) for op in args.ops}
+    known_lengths = sorted({t for m in modules.values() for t in m.LENGTHS})
+    missing = sorted(set(args.T) - set(known_lengths))
+    if missing:
+        parser.error(f"argument --T: no selected op has length(s) {', '.join(map(str, missing))} "
+                     f"(their lengths: {', '.join(map(str, known_lengths))})")
+
+    import jax
+
     use_cpu = args.clock == "cpu" or (args.clock == "auto" and jax.default_backend() == "cpu")
     clock = time.process_time if use_cpu else time.perf_counter
-    lengths = {int(t) for t in args.T.split(",") if t}
-    impls = {s for s in args.impls.split(",") if s}
+    lengths = set(args.T)
+    impls = set(args.impls)
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "python": platform.python_version(),
            "affinity": sorted(os.sched_getaffinity(0)), "clock": "cpu" if use_cpu else "wall"}
@@ -93,9 +176,7 @@ def main():
     print(header)
     print("-" * len(header))
     rows = []
-    for op in args.ops.split(","):
-        if op not in OPS:
-            raise SystemExit(f"--ops: unknown op {op!r}; known: {tuple(OPS)}")
+    for op in args.ops:
         groups: dict = {}
         for c in _load_cases(op, lengths, impls):
             groups.setdefault(tuple(c.get(k) for k in SHAPE_KEYS), []).append(c)

@@ -171,8 +171,9 @@ def test_long_bf16_is_finite():
     assert bool(jnp.all(jnp.isfinite(o.astype(F32)))) and bool(jnp.all(jnp.isfinite(final)))
 
 
-# Lowering from CPU needs a target device: jax >= 0.11's Triton lowering reads the GPU kind from
-# the abstract mesh (FIELD_NOTES.md's trick, also what Mosaic wants for some block shapes).
+# Lowering from CPU needs a target device kind: from a CPU-only jaxlib, jax >= 0.11 lowers Pallas
+# Triton only under an abstract mesh whose device kind is a GPU, and Mosaic rejects some block
+# shapes (1-D blocks: "Unsupported TPU device kind: cpu") unless that device kind is a TPU.
 TARGETS = {"tpu": ("TPU v5 lite", "tpu"), "cuda": ("NVIDIA H100 80GB HBM3", "gpu")}
 
 
