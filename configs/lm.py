@@ -12,8 +12,11 @@ arg: a comma list of key=value with keys
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from zoo.config import ModelConfig
 from zoo.presets import preset
 
 ARG_KEYS = ("mixer", "ratio", "size", "data")
@@ -36,15 +39,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=0,            # 0: the tokenizer's vocabulary size
-        d_model=128, n_layers=4, num_heads=4, num_kv_heads=0, head_dim=0, d_ff=0,
-        layer_types=(),          # empty: hybrid_pattern(n_layers, mixer, ratio)
-        mixer=args.get("mixer", "attn"), ratio=int(args.get("ratio", 0)),
-        window=128, rope_theta=10000.0, tie_embeddings=True,
-        dtype="float32", impl="auto", remat=False,
-        mixer_options=ml_collections.ConfigDict(),
-    ))
+    # The model's defaults are ModelConfig's (one source); the size preset then sets its fields.
+    model = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    model.update(vocab_size=0,       # 0: the tokenizer's vocabulary size
+                 layer_types=(),     # empty: hybrid_pattern(n_layers, mixer, ratio)
+                 mixer=args.get("mixer", ModelConfig.mixer),
+                 ratio=int(args.get("ratio", ModelConfig.ratio)),
+                 mixer_options=ml_collections.ConfigDict())
+    c.model = ml_collections.ConfigDict(model)
     c.model.update(preset(args.get("size", "tiny")))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -58,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=16, lr=3e-3, warmup_steps=100, min_lr_ratio=0.1,
         weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
-        log_every=25, eval_batches=8,
+        log_every=25, eval_batches=8, max_skipped_steps=5,
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
     # -1 on one axis: all remaining devices. data x fsdp x tensor must equal the device count.

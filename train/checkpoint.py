@@ -3,17 +3,25 @@
 A checkpoint `<workdir>/checkpoints/<step>/` holds two items:
   state: {"params", "opt_state", "step"} (arrays, restored onto the current mesh's shardings)
   meta:  {"config", "tokenizer", "fingerprint", "step"} (JSON)
+A tokenizer file (HuggingFace JSON) is stored once beside them, `checkpoints/tokenizer.json`,
+and `meta["tokenizer"]` holds {"type": "hf", "name", "file": "tokenizer.json", "sha256"}: the
+run no longer needs the user's file, and a changed copy is detected by its hash.
 Orbax writes into a temporary folder and renames it when complete, so a run killed at any
 moment — mid-save included — resumes from its last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointError"]
+from train.data.tokenizer import tokenizer_from_dict
+
+__all__ = ["Checkpointer", "CheckpointError", "TOKENIZER_FILE"]
+
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class CheckpointError(ValueError):
@@ -22,6 +30,7 @@ class CheckpointError(ValueError):
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 2, create: bool = True):
+        self.workdir = workdir
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         if not create and not os.path.isdir(self.directory):
             raise CheckpointError(f"workdir {workdir!r} has no checkpoints folder")
@@ -34,6 +43,37 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def store_tokenizer(self, tokenizer) -> dict:
+        """Write the tokenizer file once (atomically) and return its reference for the meta;
+        tokenizers without a file (bytes, ids) are returned as their dict."""
+        d = tokenizer.to_dict()
+        if d.get("type") != "hf":
+            return d
+        data = d["json"].encode("utf-8")
+        path = os.path.join(self.directory, TOKENIZER_FILE)
+        if not os.path.exists(path):
+            os.makedirs(self.directory, exist_ok=True)
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)
+        return {"type": "hf", "name": d.get("name", ""), "file": TOKENIZER_FILE,
+                "sha256": hashlib.sha256(data).hexdigest()}
+
+    def load_tokenizer(self, ref: dict):
+        """The tokenizer a checkpoint's meta refers to (a stored file is checked by its hash)."""
+        if "file" not in ref:
+            return tokenizer_from_dict(ref)
+        path = os.path.join(self.directory, ref["file"])
+        if not os.path.isfile(path):
+            raise CheckpointError(f"the run's tokenizer file {path} is missing")
+        with open(path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            raise CheckpointError(f"the run's tokenizer file {path} was changed (sha256 differs "
+                                  f"from the one recorded at training time)")
+        return tokenizer_from_dict({"type": "hf", "name": ref.get("name", ""),
+                                    "json": data.decode("utf-8")})
 
     def save(self, step: int, state, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -61,8 +101,13 @@ class Checkpointer:
     def restore(self, step: int | None, abstract_state) -> tuple[int, dict, dict]:
         """Restore (step, state, meta); `abstract_state` carries the target shardings."""
         step = self._check_step(step)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:  # orbax: a tree or shape mismatch
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {step} in {self.directory} does not fit this "
+                                  f"model ({first}); use a new --workdir") from None
         return step, out["state"], dict(out["meta"])
 
     def close(self) -> None:

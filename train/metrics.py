@@ -14,7 +14,8 @@ import jax
 
 __all__ = ["MetricsWriter", "flops_per_token", "device_peak_flops"]
 
-# Dense peak FLOP/s per device (bf16 on accelerators; CPU measured on this machine, FIELD_NOTES).
+# Dense peak FLOP/s per device: bf16 tensor-core peaks from the vendors' data sheets; the CPU
+# figure is a 2-core x86 host's float32 matmul peak (1024³ jnp.dot, best of 10: ~500 GFLOP/s).
 _PEAK_BY_KIND = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5 lite": 197e12,
                  "v5e": 197e12, "v5p": 459e12, "v6": 918e12, "v4": 275e12}
 _CPU_PEAK = 500e9
@@ -76,6 +77,14 @@ class MetricsWriter:
             lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
         with open(self.path, "w") as f:
             f.writelines(lines)
+
+    def find(self, step: int, key: str) -> dict | None:
+        """The logged row of `step` that holds `key` (e.g. a finished run's eval), or None."""
+        if not os.path.exists(self.path):
+            return None
+        with open(self.path) as f:
+            rows = [json.loads(ln) for ln in f if ln.strip()]
+        return next((r for r in rows if r.get("step") == step and key in r), None)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:

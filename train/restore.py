@@ -8,7 +8,6 @@ import jax
 import ml_collections
 
 from train.checkpoint import Checkpointer
-from train.data.tokenizer import tokenizer_from_dict
 from train.sharding import make_mesh
 from train.state import TrainState, abstract_of, build_model_config
 
@@ -34,7 +33,7 @@ def restore_run(workdir: str, step: int | None = None, mesh_cfg=None) -> Restore
     ckpt = Checkpointer(workdir, create=False)
     step, meta = ckpt.restore_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
-    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    tokenizer = ckpt.load_tokenizer(meta["tokenizer"])
     model_cfg = build_model_config(config.model, tokenizer.vocab_size)
     mesh = make_mesh(mesh_cfg or ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     with jax.set_mesh(mesh):

@@ -1,7 +1,8 @@
 """Device mesh and sharding by rules: logical axis names on parameters -> mesh axes.
 
-The mesh has named axes ("data", "fsdp", "tensor") with Auto axis types (FIELD_NOTES: Explicit
-types reject an fsdp/tensor-sharded matmul). Parameters carry logical axis names in their
+The mesh has named axes ("data", "fsdp", "tensor") with Auto axis types: `jax.make_mesh`
+defaults to Explicit types since jax 0.10, under which an fsdp/tensor-sharded `x @ w` is
+rejected at trace time instead of being resharded by XLA. Parameters carry logical axis names in their
 metadata (layers/common.make_param); `RULES` maps each name to a mesh axis. A dimension that the
 mesh axis does not divide stays replicated, so every preset runs on every mesh. The batch is
 split over ("data", "fsdp").
@@ -32,6 +33,10 @@ RULES: dict[str, str] = {
 }
 
 
+_SIMULATE_HINT = ("; on a CPU, simulate N devices with "
+                  "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     """Build the (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices)."""
     devices = list(devices if devices is not None else jax.devices())
@@ -42,11 +47,12 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}")
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}"
+                             f"{_SIMULATE_HINT}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are "
-                         f"{len(devices)} devices")
+                         f"{len(devices)} devices{_SIMULATE_HINT}")
     arr = np.array(devices).reshape(sizes)
     return jax.sharding.Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

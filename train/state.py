@@ -19,11 +19,18 @@ from train.sharding import no_decay_mask, param_axes, param_specs, replicated
 from zoo.config import ModelConfig
 from zoo.model import LM
 
-__all__ = ["build_model_config", "TrainState", "abstract_of"]
+__all__ = ["build_model_config", "normalize_layer_types", "TrainState", "abstract_of"]
+
+
+def normalize_layer_types(value) -> tuple[str, ...]:
+    """'swa,gdn' or ('swa,gdn',) or ('swa', 'gdn') -> ('swa', 'gdn')."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    return tuple(p.strip() for item in items for p in str(item).split(",") if p.strip())
 
 
 def build_model_config(model_cfg, vocab_size: int) -> ModelConfig:
     d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+    d["layer_types"] = normalize_layer_types(d.get("layer_types", ()))
     if not d.get("vocab_size"):
         d["vocab_size"] = vocab_size
     elif d["vocab_size"] < vocab_size:

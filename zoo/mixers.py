@@ -1,92 +1,111 @@
-"""Registrations of the built-in mixers: how the model's config becomes each layer's arguments."""
+"""Registrations of the built-in mixers: how the model's config becomes each layer's arguments.
+
+Every registration is one `_register` call: the layer class (imported on first use), the
+optional model fields it reads, the arguments fixed by the model, and the overridable defaults
+that depend on the model. Everything else in the class's constructor is an option that
+`model.mixer_options[name]` may set; an unknown option is a ConfigError listing the allowed ones.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+from typing import Callable
 
 import jax.numpy as jnp
 
-from layers.attention import Attention
 from zoo.registry import register_mixer
 
+__all__ = ["layer_options"]
 
-def _keywords(*classes) -> set[str]:
-    """The keyword arguments the classes' constructors take (a layer that forwards **kwargs to
-    its core lists the core as a second class)."""
-    out = set()
+# Set from the model for every layer; never an option.
+_ALWAYS_FIXED = ("num_heads", "impl", "dtype")
+
+
+def _import(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def layer_options(*classes, exclude=()) -> dict:
+    """{keyword: default} of the classes' constructors (a layer that forwards **kwargs to its core
+    lists the core as a second class); a required keyword has the default `inspect._empty`."""
+    out = {}
     for cls in classes:
         for p in inspect.signature(cls.__init__).parameters.values():
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                out.add(p.name)
-    return out - {"self", "d_model", "rngs"}
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in out:
+                out[p.name] = p.default
+    for name in ("self", "d_model", "rngs", *_ALWAYS_FIXED, *exclude):
+        out.pop(name, None)
+    return out
 
 
-def _build(cls, cfg, name: str, rngs, *, core=(), defaults=None, **fixed):
-    """cls(d_model, num_heads=, impl=, dtype=, **fixed, **defaults overridden by
-    model.mixer_options[name]); the model fields passed here (num_heads, impl, dtype and
-    ``fixed``) cannot be overridden, and an unknown option is a ConfigError listing the allowed
-    ones."""
-    fixed = dict(num_heads=cfg.num_heads, impl=cfg.impl, dtype=jnp.dtype(cfg.dtype), **fixed)
-    allowed = _keywords(cls, *core) - set(fixed)
-    options = {**(defaults or {}), **cfg.options(name, allowed)}
-    return cls(cfg.d_model, rngs=rngs, **fixed, **options)
+def _register(name: str, layer: str, *, core: tuple[str, ...] = (), passes: tuple[str, ...] = (),
+              fixed: Callable | None = None, defaults: dict | None = None, doc: str):
+    """Register `name`: cls(d_model, num_heads=, impl=, dtype=, **{f: cfg.f for f in passes},
+    **fixed(cfg, layer_idx), **{option: rule(cfg) for defaults}) with the defaults overridden by
+    model.mixer_options[name].
+
+    ``defaults`` maps an option to (text, rule): its default computed from the model config and
+    how `--mixers` shows it. The mixer declares that it reads the optional model fields in
+    ``passes`` and those its default rules name (``text`` starting with "model.")."""
+    defaults = defaults or {}
+    fixed = fixed or (lambda cfg, layer_idx: {})
+    reads = tuple(passes) + tuple(t[len("model."):] for t, _ in defaults.values()
+                                  if t.startswith("model."))
+
+    def classes():
+        return [_import(p) for p in (layer, *core)]
+
+    def factory(cfg, layer_idx, rngs):
+        cls, *cores = classes()
+        kw = dict(num_heads=cfg.num_heads, impl=cfg.impl, dtype=jnp.dtype(cfg.dtype),
+                  **{f: getattr(cfg, f) for f in passes}, **fixed(cfg, layer_idx))
+        allowed = set(layer_options(cls, *cores, exclude=kw))
+        options = {**{k: rule(cfg) for k, (_, rule) in defaults.items()},
+                   **cfg.options(name, allowed)}
+        return cls(cfg.d_model, rngs=rngs, **kw, **options)
+
+    def options():
+        cls, *cores = classes()
+        opts = layer_options(cls, *cores, exclude=(*passes, *_fixed_names(fixed)))
+        return {**opts, **{k: text for k, (text, _) in defaults.items()}}
+
+    register_mixer(name, reads=reads, options=options, doc=doc)(factory)
 
 
-@register_mixer("attn")
-def _attention(cfg, layer_idx, rngs):
-    return _build(Attention, cfg, "attn", rngs, num_kv_heads=cfg.num_kv_heads,
-                  head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
+def _fixed_names(fixed: Callable) -> set[str]:
+    """The argument names a `fixed(cfg, layer_idx)` rule sets (probed with a stand-in config)."""
+    class _Any:
+        def __getattr__(self, _):
+            return 0
+    return set(fixed(_Any(), 0))
 
 
-@register_mixer("swa")
-def _sliding_window_attention(cfg, layer_idx, rngs):
-    return _build(Attention, cfg, "swa", rngs, num_kv_heads=cfg.num_kv_heads,
-                  head_dim=cfg.head_dim, window=cfg.window, rope_theta=cfg.rope_theta)
-
-
-@register_mixer("gdn")
-def _gated_deltanet(cfg, layer_idx, rngs):
-    from layers.gated_deltanet import GatedDeltaNet
-    return _build(GatedDeltaNet, cfg, "gdn", rngs)
-
-
-@register_mixer("lightning")
-def _lightning(cfg, layer_idx, rngs):
-    from layers.lightning import Lightning
-    return _build(Lightning, cfg, "lightning", rngs, layer_idx=layer_idx, n_layers=cfg.n_layers)
-
-
-@register_mixer("hedgehog")
-def _hedgehog(cfg, layer_idx, rngs):
-    from layers.hedgehog import Hedgehog
-    return _build(Hedgehog, cfg, "hedgehog", rngs)
-
-
-@register_mixer("mamba2")
-def _mamba2(cfg, layer_idx, rngs):
-    from layers.mamba import Mamba2
-    return _build(Mamba2, cfg, "mamba2", rngs, defaults={"d_state": min(64, cfg.d_model // 2)})
-
-
-@register_mixer("titans")
-def _titans(cfg, layer_idx, rngs):
-    from layers.titans import NeuralMemory, Titans
-    return _build(Titans, cfg, "titans", rngs, core=(NeuralMemory,), head_dim=cfg.head_dim)
-
-
-@register_mixer("titans_mag")
-def _titans_mag(cfg, layer_idx, rngs):
-    from layers.titans import NeuralMemory
-    from layers.titans_variants import TitansMAG
-    return _build(TitansMAG, cfg, "titans_mag", rngs, core=(NeuralMemory,),
-                  defaults={"window": cfg.window}, head_dim=cfg.head_dim,
-                  rope_theta=cfg.rope_theta)
-
-
-@register_mixer("titans_mac")
-def _titans_mac(cfg, layer_idx, rngs):
-    from layers.titans import NeuralMemory
-    from layers.titans_variants import TitansMAC
-    return _build(TitansMAC, cfg, "titans_mac", rngs, core=(NeuralMemory,),
-                  defaults={"segment_len": cfg.window}, head_dim=cfg.head_dim,
-                  rope_theta=cfg.rope_theta)
+_register("attn", "layers.attention:Attention",
+          passes=("num_kv_heads", "head_dim", "rope_theta"),
+          doc="causal softmax attention (grouped-query, RoPE, KV cache)")
+_register("swa", "layers.attention:Attention",
+          passes=("num_kv_heads", "head_dim", "window", "rope_theta"),
+          doc="sliding-window softmax attention over model.window tokens (ring-buffer cache)")
+_register("gdn", "layers.gated_deltanet:GatedDeltaNet",
+          doc="GatedDeltaNet: gated delta rule, short convs, output gate")
+_register("lightning", "layers.lightning:Lightning",
+          fixed=lambda cfg, layer_idx: dict(layer_idx=layer_idx, n_layers=cfg.n_layers),
+          doc="Lightning attention: linear attention with per-head constant decay by layer depth")
+_register("hedgehog", "layers.hedgehog:Hedgehog",
+          doc="Hedgehog: linear attention with learned softmax-mimicking feature maps")
+_register("mamba2", "layers.mamba:Mamba2",
+          defaults={"d_state": ("min(64, d_model / 2)", lambda cfg: min(64, cfg.d_model // 2))},
+          doc="Mamba-2 block (SSD: scalar-decay state-space duality)")
+_register("titans", "layers.titans:Titans", core=("layers.titans:NeuralMemory",),
+          passes=("head_dim",),
+          doc="Titans neural memory as a layer (MAL when followed by swa)")
+_register("titans_mag", "layers.titans_variants:TitansMAG", core=("layers.titans:NeuralMemory",),
+          passes=("head_dim", "rope_theta"),
+          defaults={"window": ("model.window", lambda cfg: cfg.window)},
+          doc="Titans memory as a gate over sliding-window attention with persistent tokens")
+_register("titans_mac", "layers.titans_variants:TitansMAC", core=("layers.titans:NeuralMemory",),
+          passes=("head_dim", "rope_theta"),
+          defaults={"segment_len": ("model.window", lambda cfg: cfg.window)},
+          doc="Titans memory as context: segments attend over memory read-outs")

@@ -1,7 +1,9 @@
-"""Attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU, XLA elsewhere).
+"""Attention through `jax.nn.dot_product_attention` with its default implementation.
 
-The plain causal case (no packing, no cache) is passed as `is_causal` + `local_window_size` so the
-fused GPU kernel can take it; every other case passes the explicit visibility mask. Rows with no
+That default is XLA's dense softmax(QKᵀ)V on every backend, GPU included (jax 0.10-0.11 select
+cuDNN only when asked with `implementation="cudnn"`), so memory grows with T². The plain causal
+case (no packing, no cache) is passed as `is_causal` + `local_window_size`, the form a fused
+kernel takes; every other case passes the explicit visibility mask. Rows with no
 visible key are zeroed afterwards, since the fused softmax over an all-masked row is uniform.
 """
 

@@ -5,7 +5,7 @@ Sources (``data.source``):
 * ``"stdlib"``: the Python standard library's own ``.py`` files
   (``sysconfig.get_paths()["stdlib"]``), in sorted relative-path order, without ``site-packages``
   and test folders (``STDLIB_SKIP_DIRS``).
-  One file = one document. ``data.path`` is ignored.
+  One file = one document. Setting ``data.path`` with it is an error.
 * ``"text"``: one file = one document; directories are searched recursively for
   ``*.txt``/``*.md``/``*.py``.
 * ``"jsonl"``: one document per non-blank line, the string under ``data.jsonl_field``;
@@ -43,9 +43,18 @@ import numpy as np
 
 from train.data.tokenizer import DataError, Tokenizer
 
-__all__ = ["SOURCES", "STDLIB_SKIP_DIRS", "Split", "Corpus", "build_corpus", "resolve_paths"]
+__all__ = ["SOURCES", "SOURCE_FIELDS", "STDLIB_SKIP_DIRS", "Split", "Corpus", "build_corpus", "resolve_paths"]
 
 SOURCES = ("stdlib", "text", "jsonl", "tokens")
+# The `data.*` fields each source reads; a field set for a source that does not read it is a
+# config error (train/fields.py).
+_COMMON = ("seq_len", "heldout_fraction", "max_bytes", "tokenizer")
+SOURCE_FIELDS: dict[str, tuple[str, ...]] = {
+    "stdlib": _COMMON,
+    "text": _COMMON + ("path",),
+    "jsonl": _COMMON + ("path", "jsonl_field"),
+    "tokens": _COMMON + ("path",),   # the tokenizer bounds the ids (and decodes samples)
+}
 EXTENSIONS = {"text": (".txt", ".md", ".py"), "jsonl": (".jsonl",), "tokens": (".npy",)}
 # Folders left out of the stdlib corpus: installed packages, caches and the test suites
 # (19 of the stdlib's 30 MiB; e.g. test/, lib2to3/tests/, idlelib/idle_test/).

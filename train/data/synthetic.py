@@ -17,12 +17,19 @@ from train.data.pipeline import serve_by_index
 from train.data.tokenizer import DataError, IdTokenizer
 from train.tasks.mqar import MqarSpec, make_mqar
 
-__all__ = ["MqarData"]
+__all__ = ["MqarData", "MQAR_FIELDS"]
+
+# The `data.*` fields the mqar source reads (seq_len is the example length).
+MQAR_FIELDS = ("seq_len", "mqar.vocab_size", "mqar.num_kv_pairs", "mqar.power_a",
+               "mqar.random_non_queries", "mqar.heldout_examples")
 
 _HELDOUT_STREAM = 2 ** 31 - 1
 
 
 class MqarData:
+    # The end-of-run evaluation reports recall accuracy (argmax hits on the value positions).
+    is_recall_task = True
+
     def __init__(self, spec: MqarSpec, *, seed: int, heldout_examples: int):
         try:
             spec.validate(field="data.mqar")
