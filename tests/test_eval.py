@@ -1,8 +1,12 @@
-"""Evaluation: each task on a tiny checkpoint, the MQAR generator's invariants, the lm-eval
-adapter against the trainer's loss, and bad input that leaves the workdir untouched."""
+"""Evaluation: each task on a tiny checkpoint, results merged per task and data source, the
+generate settings, the tokenizer travelling with the checkpoint, the MQAR generator's
+invariants, the lm-eval adapter against the trainer's loss, and bad input that leaves the
+workdir untouched."""
 
 import json
 import os
+import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +15,8 @@ import pytest
 from tests.train_utils import tiny_config
 from train import train_and_evaluate
 from train.checkpoint import CheckpointError
-from train.eval import EvalError, run_eval
+from train.data import ByteTokenizer
+from train.eval import EvalError, data_label, decode_escapes, run_eval
 from train.restore import restore_run
 from train.tasks import MqarSpec, make_mqar, make_passkey_prompt, mqar_accuracy
 from train.tasks.mqar import power_law_gap_probs
@@ -23,6 +28,17 @@ def workdir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run"))
     train_and_evaluate(tiny_config(steps=4), path)
     return path
+
+
+def _final_eval_loss(workdir):
+    """eval_loss of the end-of-run evaluation, from the run's metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if "eval_loss" in row][-1]["eval_loss"]
+
+
+def _results(workdir, step=4):
+    with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
+        return json.load(f)
 
 
 def _snapshot(path):
@@ -55,6 +71,15 @@ def test_mqar_file_is_scored(workdir, tmp_path):
     (dict(tasks=("nope",)), EvalError, r"unknown task\(s\) \['nope'\]"),
     (dict(step=999), CheckpointError, "no checkpoint for step 999"),
     (dict(tasks=("mqar",), mqar_file="big"), EvalError, "vocabulary is 256"),
+    (dict(temperature=-0.5), EvalError, "^--temperature: must be >= 0"),
+    (dict(top_p=0.0), EvalError, r"^--top_p: must lie in \(0, 1\]"),
+    (dict(top_p=1.5), EvalError, "^--top_p"),
+    (dict(top_k=-1), EvalError, "^--top_k"),
+    (dict(max_new_tokens=0), EvalError, "^--max_new_tokens"),
+    (dict(prompts_file="/nonexistent/prompts.txt"), EvalError, "^--prompts_file: cannot read"),
+    (dict(tasks=("generate",), prompts=["def ", ""]), EvalError, "^--prompt #2: '' is not a"),
+    (dict(tasks=("ppl",), data_files="/nonexistent/a.txt"), EvalError, "^--data: .* not exist"),
+    (dict(tasks=("mqar",), data_files="a.txt"), EvalError, "^--data is read by the ppl task"),
 ])
 def test_bad_input_leaves_workdir_unchanged(workdir, tmp_path, kwargs, error, message):
     if kwargs.get("mqar_file") == "big":
@@ -134,3 +159,97 @@ def test_lm_eval_rolling_loglikelihood_equals_trainer_loss(workdir):
     assert ll < 0 and isinstance(greedy, bool)
     out = lm.generate_until([Req("import", {"until": ["\n"], "max_gen_toks": 8})])
     assert isinstance(out[0], str) and "\n" not in out[0]
+
+
+def test_results_merge_per_task_and_data_source(workdir, tmp_path, monkeypatch):
+    """ppl, then mqar, then ppl on files (with mqar again) merge into one step_<N>.json; the
+    checkpoint's tokenizer is used throughout: loading the configured one fails here."""
+    import train.data.pipeline as pipeline
+
+    def gone(spec, **_):
+        raise AssertionError(f"load_tokenizer({spec!r}) called: eval must use the checkpoint's")
+
+    monkeypatch.setattr(pipeline, "load_tokenizer", gone)
+    shutil.rmtree(os.path.join(workdir, "eval"), ignore_errors=True)
+    held = run_eval(workdir, tasks=("ppl",))["ppl"]
+    # Same batch size and eval_batches as the run: the end-of-run evaluation, reproduced.
+    assert held["eval_loss"] == pytest.approx(_final_eval_loss(workdir), abs=1e-5)
+    mqar = run_eval(workdir, tasks=("mqar",), mqar_examples=8)["mqar"]
+    assert set(_results(workdir)) == {"step", "ppl", "mqar", "sources"}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(40)))
+    res = run_eval(workdir, tasks=("ppl", "mqar"), data_files=str(notes), mqar_examples=8)
+    files = res["ppl[notes.txt]"]
+    assert files["eval_loss"] != held["eval_loss"] and files["eval_tokens"] > 0
+
+    out = _results(workdir)
+    assert set(out) == {"step", "ppl", "mqar", "ppl[notes.txt]", "sources"}
+    assert out["ppl"] == held and out["ppl[notes.txt]"] == files
+    # mqar ran again: its entry is replaced (same accuracies, this run's seconds), not added.
+    assert out["mqar"] == res["mqar"] and out["mqar"]["L64_kv4"] == mqar["L64_kv4"]
+    assert out["sources"] == {
+        "ppl": out["sources"]["ppl"], "ppl[notes.txt]": res["sources"]["ppl[notes.txt]"]}
+    assert out["sources"]["ppl"].startswith("held-out split of stdlib (")
+    # No "(the run trained on fingerprint ...)": the corpus is the one the run trained on.
+    assert re.search(r"\), fingerprint [0-9a-f]{16}$", out["sources"]["ppl"])
+    assert out["sources"]["ppl[notes.txt]"].startswith(f"files: {notes} (text), held-out half")
+
+    # One TensorBoard tag per (key, metric): each tag only ever holds one source's values.
+    with open(os.path.join(workdir, "eval", "scalars.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    values = {}
+    for row in rows:
+        for tag, v in row.items():
+            if tag.endswith("/eval_loss"):
+                values.setdefault(tag, set()).add(v)
+    assert values == {"ppl/eval_loss": {held["eval_loss"]},
+                      "ppl[notes.txt]/eval_loss": {files["eval_loss"]}}
+
+
+def test_data_label_is_a_short_deterministic_tag():
+    assert data_label("/a/notes.txt, b/c.jsonl") == "notes.txt+c.jsonl"
+    assert data_label("corpus/dir/") == "dir" and data_label("x/my file*.txt") == "my_file_.txt"
+    long = ",".join(f"/d/shard_{i:03d}.jsonl" for i in range(20))
+    label = data_label(long)
+    assert len(label) == 40 and label.startswith("shard_000.jsonl+shard_001.jsonl~")
+    assert label == data_label(long) != data_label(long.replace("019", "020"))
+    assert decode_escapes(r"a\nb\tc\\n\q") == "a\nb\tc\\n\\q"
+
+
+def test_generate_settings_are_used_and_recorded(workdir, tmp_path):
+    prompt = "def f(x):\n    return"
+    res = run_eval(workdir, tasks=("generate",), prompts=[prompt], greedy=True, max_new_tokens=3)
+    (sample,) = res["generate_samples"]
+    assert sample["prompt"] == prompt and len(sample["tokens"]) == 3
+    assert sample["continuation"] == ByteTokenizer().decode(sample["tokens"])
+    out = _results(workdir)
+    assert out["generate_samples"] == [sample] and out["generate"]["batch"] == 1.0
+    assert out["generate_settings"] == dict(max_new_tokens=3, temperature=0.8, top_k=40,
+                                            top_p=1.0, greedy=True, seed=0)
+    # The same prompt from a file, its newline escaped: decoded, and greedy is deterministic.
+    path = tmp_path / "prompts.txt"
+    path.write_text("def f(x):\\n    return\n\n")
+    again = run_eval(workdir, tasks=("generate",), prompts_file=str(path), greedy=True,
+                     max_new_tokens=3)
+    assert again["generate_samples"] == [sample]
+
+
+def test_hf_tokenizer_file_can_move_after_training(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is optional")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                             initial_alphabet=alphabet)
+    tok.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" for i in range(200)], trainer)
+    path = tmp_path / "tok.json"
+    tok.save(str(path))
+    cfg = tiny_config(steps=2)
+    cfg.data.tokenizer = str(path)
+    run = str(tmp_path / "run")
+    train_and_evaluate(cfg, run)
+    os.rename(path, tmp_path / "moved.json")
+    res = run_eval(run, tasks=("ppl",))
+    assert res["ppl"]["eval_loss"] == pytest.approx(_final_eval_loss(run), abs=1e-5)
+    assert "bits_per_token" in res["ppl"]

@@ -234,17 +234,27 @@ class PackedData:
         return f"PackedData({self.describe()})"
 
 
-def load_data(data_cfg: Any, seed: int = 0) -> PackedData:
+def load_data(data_cfg: Any, seed: int = 0, *, tokenizer: Tokenizer | None = None
+              ) -> PackedData:
     """Read, tokenize, split and plan the corpus described by ``data_cfg``.
 
     ``data_cfg`` fields (attributes, or keys of a dict): source ("stdlib" | "text" | "jsonl" |
     "tokens"), path, jsonl_field ("text"), tokenizer ("bytes" or a tokenizer JSON path),
     seq_len, heldout_fraction (0.02), max_bytes (0 = no limit). Raises DataError.
+
+    ``tokenizer``: a Tokenizer to use instead of loading ``data_cfg.tokenizer`` (a restored
+    checkpoint passes its own, so evaluation does not need the original file). The synthetic
+    ``mqar`` source has no tokenizer of its own choosing (its ids are the task's vocabulary),
+    so one given there must be the matching ids tokenizer.
     """
     source = _field(data_cfg, "source", "stdlib")
     if source == "mqar":
         from train.data.synthetic import load_mqar  # noqa: PLC0415  (imports this module)
-        return load_mqar(data_cfg, seed)
+        data = load_mqar(data_cfg, seed)
+        if tokenizer is not None and tokenizer.to_dict() != data.tokenizer.to_dict():
+            raise DataError(f"tokenizer: {tokenizer!r} does not match the mqar source's "
+                            f"{data.tokenizer!r} (data.mqar.vocab_size)")
+        return data
     if source not in SOURCES:
         raise DataError(f"data.source: unknown source {source!r} "
                         f"(allowed: {', '.join(repr(s) for s in SOURCES + ('mqar',))})")
@@ -264,7 +274,8 @@ def load_data(data_cfg: Any, seed: int = 0) -> PackedData:
         raise DataError(f"data.jsonl_field: must be a non-empty string, got {jsonl_field!r}")
     if not _is_int(seed) or seed < 0:
         raise DataError(f"seed: must be a non-negative integer, got {seed!r}")
-    tokenizer = load_tokenizer(_field(data_cfg, "tokenizer", "bytes"))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(_field(data_cfg, "tokenizer", "bytes"))
     corpus = build_corpus(source=source, path=_field(data_cfg, "path", ""),
                           jsonl_field=jsonl_field, tokenizer=tokenizer,
                           heldout_fraction=float(fraction), max_bytes=int(max_bytes),
