@@ -208,3 +208,27 @@ def test_an_mqar_run_reports_recall_accuracy(tmp_path):
     targets = np.concatenate([b["targets"] for b in batches])
     expected = recall_accuracy(r.ts, r.params, inputs, targets, 16)
     assert final["recall_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_two_hosts_stop_at_the_same_step_when_one_is_signalled(tmp_path):
+    """Two processes (gloo collectives on CPU); SIGINT reaches only process 1, yet both stop
+    at one step and write one checkpoint."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = os.path.join(ROOT, "tests", "multihost_interrupt.py")
+    procs = [subprocess.Popen([sys.executable, script, str(i), str(port), str(tmp_path)],
+                              cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for i in range(2)]
+    for line in procs[0].stdout:
+        if re.match(r"step\s+3/", line):
+            procs[1].send_signal(signal.SIGINT)
+            break
+    outs = [p.communicate(timeout=300) for p in procs]
+    stopped = [re.search(r"STOPPED (\d+) (\d+)", out) for out, _ in outs]
+    assert all(stopped), [err[-2000:] for _, err in outs]
+    steps = {int(m.group(1)) for m in stopped}
+    assert len(steps) == 1 and {int(m.group(2)) for m in stopped} == {130}
+    assert sorted(s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [
+        str(steps.pop())]
