@@ -141,7 +141,7 @@ def test_passkey_prompt_hides_the_key(workdir):
 
 
 def test_lm_eval_rolling_loglikelihood_equals_trainer_loss(workdir):
-    pytest.importorskip("lm_eval", reason="lm-eval comes with the `test` extra")
+    pytest.importorskip("lm_eval", reason="lm-eval is in the `eval` extra: pip install -e '.[eval]'")
     from train.lm_eval_adapter import ZooLM
 
     class Req:

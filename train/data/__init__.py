@@ -1,6 +1,6 @@
 """Input pipeline: corpus -> tokens -> packed rows -> per-host batches (DESIGN.md §4).
 
-The trainer's entry point is ``load_data(data_cfg, seed)``, which returns a ``PackedData``:
+The trainer's entry point is ``load_data(data_cfg, seed, *, tokenizer=None)``, which returns a ``PackedData``:
 ``tokenizer``, ``fingerprint``, ``batch(step, ...)``, ``iterator(start_step, ...)``,
 ``eval_batches(...)``, ``num_tokens(split)``, ``describe()``. Every configuration or corpus
 problem raises ``DataError`` (a ``ValueError``) naming the config field.
