@@ -5,7 +5,11 @@
 
 arg: as configs/lm.py (mixer=, ratio=, size=; without size= the model is a 2-layer d_model 64
 one), plus the task cell via overrides:
---config.data.seq_len=128 --config.data.mqar.num_kv_pairs=16 --config.data.mqar.vocab_size=512.
+--config.data.seq_len=128 --config.data.mqar.num_kv_pairs=16 --config.data.mqar.vocab_size=512,
+or a mixture of cells as Zoology trains (row g takes cell g mod n; data.seq_len = the longest):
+--config.data.mqar.cells=64:4,128:8,256:16,256:32,256:64 --config.data.seq_len=256
+--config.data.mqar.vocab_size=8192. `train.eval --tasks mqar` then scores each training cell and
+(512, 128), (1024, 256); `--mqar_cells` chooses others.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ Tasks (comma list, default all that fit the run):
             held-out split, or on `--data` files (.txt/.md/.py as text, .jsonl as jsonl; their
             held-out half, data.heldout_fraction = 0.5), tokenized with the checkpoint's own
             tokenizer (the file named in config.data.tokenizer is not needed)
-  mqar      multi-query associative recall accuracy on the standard (length, pairs) suite,
-            lengths beyond training included, or on `--mqar_file` (npz: inputs, targets [N, L])
+  mqar      multi-query associative recall accuracy per (length, pairs) cell: `--mqar_cells
+            64:4,128:8,...`, by default each training cell of an mqar run plus (2L, 2K) and
+            (4L, 4K) of its largest one (those the vocabulary fits), or MQAR_SUITE[:3] for a
+            text run; or on `--mqar_file` (npz: inputs, targets [N, L])
   passkey   greedy recall of a number hidden at depths 0..1 in filler text, by length
   generate  continuations of a batch of prompts of different lengths, tokens/s; prompts from
             `--prompt` (repeatable) and `--prompts_file` (one per line), sampled with
@@ -19,7 +21,7 @@ run replaces the entry of the same key and every other entry is kept. Layout:
     {"step": 4,
      "ppl":            {"eval_loss": 2.31, "eval_ppl": 10.1, "bits_per_byte": 3.33, ...},
      "ppl[notes.txt]": {...},          # ppl on --data files: key `ppl[<label>]`, see data_label
-     "mqar":           {"L64_kv4": 0.12, ..., "seconds": 1.9},
+     "mqar":           {"L64_kv4": 0.12, ..., "train_length": 64.0, "seconds": 1.9},
      "generate":       {"tokens_per_s": 310.0, "batch": 3.0, "seconds": 2.2},
      "sources":  {"ppl": "held-out split of stdlib (/usr/lib/python3.11), ..., fingerprint ab12",
                   "ppl[notes.txt]": "files: /abs/notes.txt (text), held-out half, fingerprint c3"},
@@ -31,6 +33,10 @@ Task entries are dicts of numbers only (the table and TensorBoard read them; a t
 `<key>/<metric>`); the other top-level keys are `INFO_KEYS`. Every input is checked before any
 task runs and before anything is written; a bad one is a one-line EvalError, DataError or
 CheckpointError naming the flag.
+
+Without the CLI (a sweep runner): `mqar_cell_accuracy(restore_run(workdir), cells, examples,
+batch_size)` is the mqar task's numbers, and `mqar_validation_accuracy(ts, params, data, ...)`
+scores the mqar source's validation stream (for choosing hyperparameters; never reported).
 """
 
 from __future__ import annotations
@@ -49,15 +55,18 @@ from absl import app, flags, logging
 
 from train.checkpoint import CheckpointError
 from train.data import DataError, load_data
+from train.data.synthetic import mqar_train_cells
 from train.loop import evaluate_heldout
 from train.metrics import MetricsWriter
 from train.recall import recall_accuracy
 from train.restore import Restored, restore_run
 from train.tasks import MQAR_SUITE, MqarSpec, make_mqar, make_passkey_prompt
+from train.tasks.mqar import format_cells, parse_cells
 from zoo.generate import generate
 
 __all__ = ["TASKS", "INFO_KEYS", "run_eval", "recall_accuracy", "EvalError", "data_label",
-           "decode_escapes"]
+           "decode_escapes", "mqar_cell_accuracy", "mqar_validation_accuracy",
+           "default_mqar_cells", "MQAR_EVAL_SEED"]
 
 TASKS = ("ppl", "mqar", "passkey", "generate")
 # Top-level keys of step_<N>.json that are not task entries.
@@ -65,6 +74,10 @@ INFO_KEYS = ("step", "sources", "generate_samples", "generate_settings")
 
 # Today's defaults: a few code prompts of different lengths; id prompts for synthetic runs.
 TEXT_PROMPTS = ("def ", "import numpy as np\n", "class Parser:\n    def __init__(self")
+# The mqar task's examples of cell (L, K) come from seed (MQAR_EVAL_SEED, L, K): a stream of its
+# own: the mqar source seeds its rows (run seed, stream, row) with stream 0 (train), 2^31 − 2
+# (validation) or 2^31 − 1 (held-out), and no cell's L equals a stream id.
+MQAR_EVAL_SEED = 1234
 
 
 class EvalError(ValueError):
@@ -247,7 +260,40 @@ def _load_ppl_input(r: Restored, data_files: str | None) -> _PplInput:
                      f"fingerprint {data.fingerprint}")
 
 
-def check_tasks(r: Restored, tasks, mqar_file: str | None) -> None:
+def _check_mqar_cells(mqar_cells) -> tuple[tuple[int, int], ...] | None:
+    """`--mqar_cells` as ((L, K), ...): from "64:4,128:8" or a sequence of pairs; None = the
+    defaults (`default_mqar_cells`). Whether each cell fits the model is checked after the
+    restore (`_mqar_cell_specs`)."""
+    if mqar_cells is None:
+        return None
+    try:
+        if isinstance(mqar_cells, str):
+            return parse_cells(mqar_cells)
+        cells = tuple(mqar_cells)
+        if not all(len(c) == 2 and all(_is_int(x) and x > 0 for x in c) for c in cells):
+            raise ValueError(f"{list(cells)} is not a list of (length, pairs) positive integers")
+        return parse_cells(format_cells(cells))  # one check of order and repeats
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"--mqar_cells: {e}") from None
+
+
+def _mqar_cell_specs(r: Restored, cells, where: str = "--mqar_cells") -> list[MqarSpec]:
+    """The spec of each (L, K) cell on this checkpoint; EvalError naming `where` for a cell that
+    the task's vocabulary cannot hold, or a vocabulary larger than the model's."""
+    vocab = r.ts.model_cfg.vocab_size
+    specs = []
+    for length, pairs in cells:
+        spec = _mqar_spec_of(r, length, pairs)
+        if spec.vocab_size > vocab:
+            raise EvalError(f"mqar: vocabulary {spec.vocab_size} does not fit the model's {vocab}")
+        if spec.problem():
+            raise EvalError(f"{where}: cell {length}:{pairs} does not fit: {spec.problem()} "
+                            f"(vocab_size {spec.vocab_size})")
+        specs.append(spec)
+    return specs
+
+
+def check_tasks(r: Restored, tasks, mqar_file: str | None, mqar_cells=None) -> None:
     """Raise EvalError before any work when a task cannot run on this checkpoint."""
     vocab = r.ts.model_cfg.vocab_size
     if "mqar" in tasks:
@@ -261,10 +307,7 @@ def check_tasks(r: Restored, tasks, mqar_file: str | None) -> None:
                     raise EvalError(f"--mqar_file: token ids reach {max(f['inputs'].max(), f['targets'].max())}"
                                     f" but the model's vocabulary is {vocab}")
         else:
-            for seq_len, pairs in _mqar_cells(r):
-                if _mqar_spec_of(r, seq_len, pairs).vocab_size > vocab:
-                    raise EvalError(f"mqar: vocabulary {_mqar_spec_of(r, seq_len, pairs).vocab_size} "
-                                    f"does not fit the model's {vocab}")
+            _mqar_cell_specs(r, mqar_cells if mqar_cells is not None else default_mqar_cells(r))
     if "passkey" in tasks and r.tokenizer.to_dict()["type"] == "ids":
         raise EvalError("passkey: the checkpoint's tokenizer is ids-only (a synthetic-task run); "
                         "passkey needs a text tokenizer")
@@ -284,27 +327,61 @@ def _mqar_spec_of(r: Restored, seq_len: int, pairs: int) -> MqarSpec:
     return MqarSpec(vocab_size=vocab, seq_len=seq_len, num_kv_pairs=pairs)
 
 
-def eval_mqar(r: Restored, mqar_file: str | None, examples: int, batch_size: int) -> dict:
+def mqar_cell_accuracy(restored: Restored, cells, examples: int, batch_size: int,
+                       seed: int = MQAR_EVAL_SEED) -> dict[str, float]:
+    """{"L{L}_kv{K}": accuracy} for each (L, K) of `cells`: `recall_accuracy` (argmax hits per
+    scored position, per example, then averaged) on `examples` MQAR examples of length L with K
+    pairs, drawn from seed (seed, L, K), at the run's MQAR vocabulary (256 for a text run).
+    Each cell runs at its own length, unpadded. The mqar task's numbers are these."""
+    out = {}
+    for spec in _mqar_cell_specs(restored, cells, where="mqar_cells"):
+        length, pairs = spec.seq_len, spec.num_kv_pairs
+        d = make_mqar(spec, int(examples), seed=(int(seed), length, pairs))
+        out[f"L{length}_kv{pairs}"] = recall_accuracy(restored.ts, restored.params, d["inputs"],
+                                                      d["targets"], batch_size)
+    return out
+
+
+def mqar_validation_accuracy(ts, params, data, batch_size: int, max_batches: int) -> float:
+    """`recall_accuracy` on the first `max_batches` batches of an mqar source's validation stream
+    (`MqarData.validation_batches`: the training mixture, rows neither trained on nor held out),
+    for choosing a learning rate. Padded rows are scored on their real tokens only (their
+    targets are −100 past the example), and a causal model's predictions there do not see the
+    padding. After a run: `r = restore_run(workdir)`, `data = load_data(r.config.data,
+    seed=r.config.seed)`, then `mqar_validation_accuracy(r.ts, r.params, data, ...)`."""
+    batches = data.validation_batches(batch_size=batch_size, max_batches=max_batches)
+    inputs = np.concatenate([b["inputs"] for b in batches])
+    targets = np.concatenate([b["targets"] for b in batches])
+    return recall_accuracy(ts, params, inputs, targets, batch_size)
+
+
+def eval_mqar(r: Restored, mqar_file: str | None, cells, examples: int, batch_size: int) -> dict:
     if mqar_file:
         with np.load(mqar_file) as f:
             inputs, targets = f["inputs"].astype(np.int32), f["targets"].astype(np.int32)
         return {"file_accuracy": recall_accuracy(r.ts, r.params, inputs, targets, batch_size),
                 "file_examples": float(len(inputs))}
-    out = {}
-    train_len = int(r.config.data.seq_len)
-    for seq_len, pairs in _mqar_cells(r):
-        d = make_mqar(_mqar_spec_of(r, seq_len, pairs), examples, seed=(1234, seq_len, pairs))
-        acc = recall_accuracy(r.ts, r.params, d["inputs"], d["targets"], batch_size)
-        out[f"L{seq_len}_kv{pairs}"] = acc
-    out["train_length"] = float(train_len)
+    cells = cells if cells is not None else default_mqar_cells(r)
+    out = mqar_cell_accuracy(r, cells, examples, batch_size)
+    out["train_length"] = float(r.config.data.seq_len)  # an mqar run's longest training L
     return out
 
 
-def _mqar_cells(r: Restored):
-    if r.config.data.source == "mqar":
-        base_len, base_pairs = int(r.config.data.seq_len), int(r.config.data.mqar.num_kv_pairs)
-        return [(base_len * m, base_pairs * m) for m in (1, 2, 4)]
-    return list(MQAR_SUITE[:3])
+def default_mqar_cells(r: Restored) -> list[tuple[int, int]]:
+    """The mqar task's cells when none are given. An mqar run: each training cell, then
+    (2L, 2K) and (4L, 4K) of the largest training cell (longest L, then most pairs) to test
+    length extrapolation — each kept only when the run's vocabulary holds 2K or 4K keys —
+    without repeats, in that order. A text run: MQAR_SUITE[:3]."""
+    if r.config.data.source != "mqar":
+        return list(MQAR_SUITE[:3])
+    train = list(mqar_train_cells(r.config.data))
+    length, pairs = max(train)
+    cells = list(train)
+    for m in (2, 4):
+        cell = (length * m, pairs * m)
+        if cell not in cells and _mqar_spec_of(r, *cell).problem() is None:
+            cells.append(cell)
+    return cells
 
 
 def eval_passkey(r: Restored, lengths, depths, trials: int) -> dict:
@@ -345,17 +422,19 @@ def eval_generate(r: Restored, texts: list[str], ids: list[list[int]],
 
 
 def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file=None,
-             mqar_examples=256, passkey_lengths=None, passkey_trials=4, batch_size=None,
-             max_batches=None, prompts=None, prompts_file=None, max_new_tokens=64,
-             temperature=0.8, top_k=40, top_p=1.0, greedy=False, gen_seed=0) -> dict:
+             mqar_cells=None, mqar_examples=256, passkey_lengths=None, passkey_trials=4,
+             batch_size=None, max_batches=None, prompts=None, prompts_file=None,
+             max_new_tokens=64, temperature=0.8, top_k=40, top_p=1.0, greedy=False,
+             gen_seed=0) -> dict:
     """Run `tasks` on the checkpoint of `workdir` and merge the results into
     `<workdir>/eval/step_<N>.json` (layout in the module docstring).
 
     batch_size and max_batches default to the run's own train.batch_size and
     train.eval_batches (so `ppl` matches the end-of-run eval). `prompts` (a list of strings,
     taken as they are) and `prompts_file` (see `read_prompts_file`) replace the default prompts
-    of `generate`. Returns {"step", each task key: metrics, "sources", and for generate
-    "generate_samples" and "generate_settings"} of this call only.
+    of `generate`. `mqar_cells` ("64:4,128:8" or [(64, 4), (128, 8)]) replaces the mqar task's
+    default cells (`default_mqar_cells`). Returns {"step", each task key: metrics, "sources",
+    and for generate "generate_samples" and "generate_settings"} of this call only.
     """
     tasks = tuple(tasks)
     unknown = [t for t in tasks if t not in TASKS]
@@ -365,6 +444,11 @@ def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file
         raise EvalError(f"--data is read by the ppl task only, and --tasks is {list(tasks)}")
     if mqar_file and "mqar" not in tasks:
         raise EvalError(f"--mqar_file is read by the mqar task only, and --tasks is {list(tasks)}")
+    cells = _check_mqar_cells(mqar_cells)
+    if cells is not None and "mqar" not in tasks:
+        raise EvalError(f"--mqar_cells is read by the mqar task only, and --tasks is {list(tasks)}")
+    if cells is not None and mqar_file:
+        raise EvalError("--mqar_cells and --mqar_file: give one (the file holds its own examples)")
     gen = GenerateSettings(max_new_tokens, temperature, top_k, top_p, bool(greedy), gen_seed)
     gen.check()
     prompt_list = _gather_prompts(prompts, prompts_file)
@@ -375,7 +459,7 @@ def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file
     r = restore_run(workdir, step)
     if r.tokenizer.to_dict()["type"] == "ids":
         tasks = tuple(t for t in tasks if t != "passkey") if tasks == TASKS else tasks
-    check_tasks(r, tasks, mqar_file)
+    check_tasks(r, tasks, mqar_file, cells)
     texts, ids = _encode_prompts(r, prompt_list) if "generate" in tasks else ([], [])
     ppl = _load_ppl_input(r, data_files) if "ppl" in tasks else None
     path = os.path.join(workdir, "eval", f"step_{r.step}.json")
@@ -394,7 +478,7 @@ def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file
             results[key] = eval_ppl(r, ppl.data, batch_size, max_batches)
             info["sources"][key] = ppl.source
         elif task == "mqar":
-            results[key] = eval_mqar(r, mqar_file, mqar_examples, batch_size)
+            results[key] = eval_mqar(r, mqar_file, cells, mqar_examples, batch_size)
         elif task == "passkey":
             results[key] = eval_passkey(r, lengths, (0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials)
         elif task == "generate":
@@ -452,6 +536,9 @@ _TASKS = flags.DEFINE_list("tasks", list(TASKS), f"comma list of {TASKS}")
 _DATA = flags.DEFINE_string("data", None, "text/jsonl files, folders or globs for ppl (comma "
                             "list); results under ppl[<their basenames>]")
 _MQAR_FILE = flags.DEFINE_string("mqar_file", None, "npz with int arrays inputs, targets [N, L]")
+_MQAR_CELLS = flags.DEFINE_string(
+    "mqar_cells", None, "MQAR cells length:pairs, comma list (e.g. 64:4,128:8,512:32). Default: "
+    "an mqar run's training cells plus 2x and 4x its largest; 64:4,128:8,256:16 for a text run")
 _MQAR_EXAMPLES = flags.DEFINE_integer("mqar_examples", 256, "examples per MQAR cell")
 _PASSKEY_LENGTHS = flags.DEFINE_list("passkey_lengths", None, "prompt lengths in tokens")
 _PASSKEY_TRIALS = flags.DEFINE_integer("passkey_trials", 4, "prompts per (length, depth)")
@@ -481,7 +568,8 @@ def main(argv):
     prompts = [decode_escapes(p) for p in _PROMPT.value] if _PROMPT.value else None
     try:
         run_eval(_WORKDIR.value, step=_STEP.value, tasks=_TASKS.value, data_files=_DATA.value,
-                 mqar_file=_MQAR_FILE.value, mqar_examples=_MQAR_EXAMPLES.value,
+                 mqar_file=_MQAR_FILE.value, mqar_cells=_MQAR_CELLS.value,
+                 mqar_examples=_MQAR_EXAMPLES.value,
                  passkey_lengths=lengths, passkey_trials=_PASSKEY_TRIALS.value,
                  batch_size=_BATCH.value, prompts=prompts, prompts_file=_PROMPTS_FILE.value,
                  max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,

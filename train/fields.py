@@ -117,6 +117,9 @@ FIELDS: tuple[Field, ...] = (
       default=True),
     F("data.mqar.heldout_examples", "int", "MQAR examples in the held-out set", lo=1,
       default=512),
+    F("data.mqar.cells", "str", "MQAR training mixture 'L:K,L:K,...' (length:pairs; row g takes "
+      "cell g mod n, padded to data.seq_len = the longest L); empty = the one cell (data.seq_len,"
+      " data.mqar.num_kv_pairs)", default=""),
     # train
     F("train.steps", "int", "optimizer steps (the schedule's length)", lo=1),
     F("train.batch_size", "int", "global batch size in rows", lo=1),

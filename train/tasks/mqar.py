@@ -13,6 +13,9 @@ vocabulary, which can plant spurious keys) or 0.
 
 Inputs/targets are the usual shift: inputs = example[:-1], targets = example[1:] with −100 off the
 value positions. Accuracy is per example (over its K scored positions), then averaged.
+
+A cell is one (L, K); a mixture of cells is written "L:K,L:K,..." (`parse_cells`). Zoology
+trains on the mixture `ZOOLOGY_TRAIN_CELLS` (vocabulary 8192) and tests on longer cells.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["MqarSpec", "make_mqar", "mqar_accuracy", "MQAR_SUITE", "power_law_gap_probs"]
+__all__ = ["MqarSpec", "make_mqar", "mqar_accuracy", "MQAR_SUITE", "ZOOLOGY_TRAIN_CELLS",
+           "parse_cells", "format_cells", "power_law_gap_probs"]
 
 IGNORE = -100
 
 # (sequence length, key-value pairs): the training cell and longer ones.
 MQAR_SUITE = ((64, 4), (128, 8), (256, 16), (512, 32), (1024, 64))
+# Zoology's training mixture (Arora et al., 2023), as (sequence length, key-value pairs).
+ZOOLOGY_TRAIN_CELLS = ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +43,47 @@ class MqarSpec:
     power_a: float = 0.01
     random_non_queries: bool = True
 
-    def validate(self, field: str = "mqar") -> None:
+    def problem(self) -> str | None:
+        """Why this spec cannot generate examples (one line, fields named bare), or None."""
         if self.vocab_size < 8 or self.vocab_size % 2:
-            raise ValueError(f"{field}.vocab_size must be an even number >= 8, got {self.vocab_size}")
+            return f"vocab_size must be an even number >= 8, got {self.vocab_size}"
+        # Keys are drawn without replacement from [1, V/2): at most V/2 − 1 of them.
         if self.num_kv_pairs < 1 or self.num_kv_pairs >= self.vocab_size // 2:
-            raise ValueError(f"{field}.num_kv_pairs must lie in [1, vocab_size/2 - 1), got "
-                             f"{self.num_kv_pairs}")
+            return (f"num_kv_pairs must lie in [1, vocab_size/2 - 1] = [1, "
+                    f"{self.vocab_size // 2 - 1}], got {self.num_kv_pairs}")
+        # 2K context tokens, then K queries at distinct even offsets of the query region.
         if 4 * self.num_kv_pairs > self.seq_len + 1:
-            raise ValueError(f"{field}.seq_len ({self.seq_len}) is too short for "
-                             f"{self.num_kv_pairs} pairs: it needs at least 4·pairs − 1 tokens")
+            return (f"seq_len ({self.seq_len}) is too short for {self.num_kv_pairs} pairs: it "
+                    f"needs at least 4·pairs − 1 tokens")
+        return None
+
+    def validate(self, field: str = "mqar") -> None:
+        """Raise ValueError `<field>.<problem>` when `problem()` finds one."""
+        why = self.problem()
+        if why:
+            raise ValueError(f"{field}.{why}")
+
+
+def parse_cells(text: str) -> tuple[tuple[int, int], ...]:
+    """ "64:4,128:8" -> ((64, 4), (128, 8)), in the given order. Raises ValueError (one line, no
+    field name: the caller adds it) for an item that is not two positive integers L:K, or a
+    repeated cell. Whether a cell fits a vocabulary is `MqarSpec.problem`'s question."""
+    cells = []
+    for item in (x.strip() for x in text.split(",")):
+        parts = item.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"{item!r} is not length:pairs with two positive integers "
+                             f"(e.g. 64:4,128:8)")
+        cell = (int(parts[0]), int(parts[1]))
+        if cell in cells:
+            raise ValueError(f"cell {item!r} is given twice")
+        cells.append(cell)
+    return tuple(cells)
+
+
+def format_cells(cells) -> str:
+    """The inverse of `parse_cells`: ((64, 4), (128, 8)) -> "64:4,128:8"."""
+    return ",".join(f"{length}:{pairs}" for length, pairs in cells)
 
 
 def power_law_gap_probs(space: int, a: float) -> np.ndarray:
