@@ -54,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=256, heldout_fraction=0.02, max_bytes=0,
         # used when source == "mqar" (seq_len above is the example length)
         mqar=ml_collections.ConfigDict(dict(vocab_size=256, num_kv_pairs=4, power_a=0.01,
-                                            random_non_queries=True, heldout_examples=512)),
+                                            random_non_queries=True, heldout_examples=512,
+                                            cells="")),
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -83,6 +83,11 @@ def test_mqar_fields_on_a_text_run_and_text_fields_on_an_mqar_run(tmp_path):
     _fails(cfg, r"config.data.mqar.num_kv_pairs = 8 is set but data.source='stdlib'.*\['mqar'\]",
            tmp_path)
     cfg = mqar.get_config(None)
+    cfg.data.update(dict(seq_len=128))
+    cfg.data.mqar.update(dict(cells="64:4,128:8", num_kv_pairs=8))
+    _fails(cfg, r"config.data.mqar.num_kv_pairs = 8 is set but data.mqar.cells \(64:4,128:8\) "
+                r"gives every cell its pairs", tmp_path)
+    cfg = mqar.get_config(None)
     cfg.data.max_bytes = 1000
     _fails(cfg, r"config.data.max_bytes = 1000 is set but data.source='mqar' does not read it",
            tmp_path)

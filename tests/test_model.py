@@ -21,6 +21,10 @@ def test_hybrid_pattern():
     assert hybrid_pattern(8, "gdn", 3) == ("gdn", "gdn", "gdn", "attn") * 2
     assert hybrid_pattern(4, "gdn", 0) == ("gdn",) * 4
     assert hybrid_pattern(3, "attn", 3) == ("attn",) * 3
+    for n, ratio in ((24, 24), (24, 4), (2, 3)):   # no exact r:1 hybrid of n layers
+        with pytest.raises(ConfigError, match=f"model.ratio={ratio} needs model.n_layers to be "
+                                              f"a multiple of {ratio + 1}"):
+            hybrid_pattern(n, "gdn", ratio)
     assert tiny_cfg(n_layers=4, mixer="swa", ratio=1).layer_types == ("swa", "attn", "swa", "attn")
 
 

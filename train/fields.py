@@ -214,6 +214,11 @@ def _check_data_fields_read(leaves: dict) -> None:
     source = leaves["data.source"]
     reads = MQAR_FIELDS if source == "mqar" else SOURCE_FIELDS[source]
     readers = {**{s: fs for s, fs in SOURCE_FIELDS.items()}, "mqar": MQAR_FIELDS}
+    if source == "mqar" and leaves.get("data.mqar.cells") and (
+            leaves["data.mqar.num_kv_pairs"] != _BY_PATH["data.mqar.num_kv_pairs"].default):
+        raise ConfigError(f"config.data.mqar.num_kv_pairs = {leaves['data.mqar.num_kv_pairs']} "
+                          f"is set but data.mqar.cells ({leaves['data.mqar.cells']}) gives every "
+                          f"cell its pairs; drop one")
     for path, value in leaves.items():
         if not path.startswith("data.") or path == "data.source":
             continue

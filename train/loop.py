@@ -116,7 +116,7 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
         state = ts.init()
         if ckpt.latest_step() is not None:
             start, state, _ = ckpt.restore(None, abstract_of(state))
-            say(f"resumed from step {start} ({ckpt.directory})")
+            say(f"resumed from step {start} ({os.path.join(workdir, 'checkpoints')})")
         meta = {"config": json.loads(config.to_json_best_effort()),
                 "tokenizer": ckpt.store_tokenizer(data.tokenizer), "fingerprint": data.fingerprint}
         metrics = MetricsWriter(workdir, resume_step=start)

@@ -17,12 +17,19 @@ def hybrid_pattern(n_layers: int, mixer: str, ratio: int, attention: str = "attn
     """One `attention` layer at the end of every group of `ratio` `mixer` layers.
 
     ratio 3 over 8 layers -> (m, m, m, attn, m, m, m, attn); ratio 0 -> all `mixer`. When the
-    mixer is itself attention the pattern is uniform.
+    mixer is itself attention the pattern is uniform. A ratio r puts n_layers / (r + 1) attention
+    layers in the model, so n_layers must be a multiple of r + 1: anything else would not be the
+    r:1 hybrid asked for (24 layers at ratio 24 would hold no attention layer at all).
     """
     if ratio < 0:
         raise ConfigError(f"model.ratio must be >= 0, got {ratio}")
     if ratio == 0 or mixer == attention:
         return (mixer,) * n_layers
+    if n_layers % (ratio + 1):
+        raise ConfigError(f"model.ratio={ratio} needs model.n_layers to be a multiple of "
+                          f"{ratio + 1} (one {attention} layer per {ratio + 1} layers), got "
+                          f"n_layers={n_layers}; allowed ratios for {n_layers} layers: "
+                          f"{[r for r in range(n_layers) if n_layers % (r + 1) == 0]}")
     return tuple(attention if (i + 1) % (ratio + 1) == 0 else mixer for i in range(n_layers))
 
 
