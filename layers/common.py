@@ -1,5 +1,10 @@
 """Building blocks shared by every mixer: parameters with sharding metadata, projections,
-RMSNorm, gated RMSNorm, the SwiGLU MLP, rotary embedding and the causal short convolution.
+RMSNorm, gated RMSNorm, the SwiGLU MLP, rotary embedding, the causal short convolution, and the
+cost helpers every mixer's `flops_per_token` / `cache_bytes` use.
+
+Cost convention (DESIGN.md §3): forward FLOPs per token of what the math needs, a multiply-add
+counted as 2; a projection d_in -> d_out is 2·d_in·d_out. Biases, norms, activations, rotary and
+softmax exponentials are O(d) per token and not counted.
 
 Parameters are float32 and carry two pieces of metadata that the trainer reads:
 ``logical_axes`` (logical axis names, mapped to mesh axes by the rule table in
@@ -25,6 +30,8 @@ __all__ = [
     "positions_from_segments",
     "CausalConv1d",
     "valid_lengths",
+    "itemsize",
+    "mean_causal_keys",
 ]
 
 Initializer = Callable[..., jax.Array]
@@ -51,6 +58,11 @@ class Linear(nnx.Module):
         self.b = (make_param(rngs, nnx.initializers.zeros, (d_out,), axes[1:], no_decay=True)
                   if use_bias else None)
         self.dtype = dtype
+
+    def flops_per_token(self) -> int:
+        """2·d_in·d_out (the bias add is O(d_out), not counted)."""
+        d_in, d_out = self.w.shape
+        return 2 * d_in * d_out
 
     def __call__(self, x):
         y = jnp.dot(x.astype(self.dtype), self.w[...].astype(self.dtype))
@@ -118,6 +130,10 @@ class SwiGLU(nnx.Module):
         self.up = Linear(d_model, d_hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.down = Linear(d_hidden, d_model, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
 
+    def flops_per_token(self) -> int:
+        """3·2·d_model·d_hidden (gate, up, down; the SiLU and the product are O(d_hidden))."""
+        return sum(p.flops_per_token() for p in (self.gate, self.up, self.down))
+
     def __call__(self, x):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
@@ -151,6 +167,20 @@ def positions_from_segments(segment_ids):
     return idx - jax.lax.cummax(starts, axis=1)
 
 
+def itemsize(dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return jnp.dtype(dtype).itemsize
+
+
+def mean_causal_keys(seq_len: int, window: int | None = None) -> float:
+    """Keys a causal query sees, averaged over the T queries of a sequence:
+    (1/T) Σ_{t=1..T} min(t, w) = (T + 1)/2 when w ≥ T (or no window), else w − w(w − 1)/(2T)."""
+    t = seq_len
+    if window is None or window >= t:
+        return (t + 1) / 2
+    return window - window * (window - 1) / (2 * t)
+
+
 def valid_lengths(segment_ids, batch: int, length: int):
     """Number of non-padding tokens per row: [B] int32 (all T when segment_ids is None)."""
     if segment_ids is None:
@@ -181,6 +211,14 @@ class CausalConv1d(nnx.Module):
 
     def init_cache(self, batch: int, dtype=jnp.float32):
         return jnp.zeros((batch, self.kernel_size - 1, self.w.shape[1]), dtype)
+
+    def flops_per_token(self) -> int:
+        """2·C·K (K taps per channel; bias and SiLU are O(C))."""
+        return 2 * self.w.shape[1] * self.kernel_size
+
+    def cache_bytes(self, dtype=jnp.bfloat16) -> int:
+        """(K − 1)·C·itemsize(dtype): the last K − 1 inputs of one row, as `init_cache` holds them."""
+        return (self.kernel_size - 1) * self.w.shape[1] * itemsize(dtype)
 
     def __call__(self, x, *, segment_ids=None, cache=None):
         """x: [B, T, C] -> (y [B, T, C], new cache [B, K−1, C] or None)."""

@@ -58,6 +58,24 @@ class GatedDeltaNet(nnx.Module):
         return {"conv": self.conv.init_cache(batch, dtype),
                 "state": jnp.zeros((batch, self.hv, self.k_dim, self.v_dim), jnp.float32)}
 
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """One row's decode cache, independent of context_len: the state 4·HV·K·V (float32
+        whatever `dtype`) + the conv inputs (conv_size − 1)·(2·H·K + HV·V)·itemsize(dtype)."""
+        return 4 * self.hv * self.k_dim * self.v_dim + self.conv.cache_bytes(dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token, independent of seq_len:
+        2·d·(2·H·K + HV·V) (q, k, v) + 2·d·2·HV (a, β) + 2·d·HV·V (gate) + 2·HV·V·d (o)
+        + 2·(2·H·K + HV·V)·conv_size (conv)
+        + 7·HV·K·V (recurrent form per value head: decay g·S K·V, prediction S'ᵀk 2·K·V,
+        rank-1 update k (β(v − S'ᵀk))ᵀ 2·K·V, readout Sᵀq 2·K·V). Gates, L2 norms and the
+        output norm are O(d) and not counted."""
+        projs = [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.o_proj]
+        if self.g_proj is not None:
+            projs.append(self.g_proj)
+        state = 7 * self.hv * self.k_dim * self.v_dim
+        return float(sum(p.flops_per_token() for p in projs) + self.conv.flops_per_token() + state)
+
     def _gates(self, x):
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))  # [B, T, HV]
         a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...]

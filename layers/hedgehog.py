@@ -66,6 +66,21 @@ class Hedgehog(nnx.Module):
         return {"state": jnp.zeros((batch, self.h, 2 * self.d, self.d + 1), jnp.float32),
                 "length": jnp.zeros((batch,), jnp.int32)}
 
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """Independent of context_len: the state 4·H·2D·(D + 1) (float32 whatever `dtype`; the
+        extra value column carries the normaliser) + 4 for the length counter (int32)."""
+        return 4 * self.h * 2 * self.d * (self.d + 1) + 4
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token, independent of seq_len: 3·2·d·d (q, k, v) + 2·d·d (o)
+        + 2·2·H·D·D (the q and k feature maps u = xW) + 4·H·2D·(D + 1) (recurrent form over
+        2D features and D + 1 value columns: update φ(k) vᵀ and readout Sᵀφ(q), no decay as
+        g = 0). The softmaxes of the maps, rotary and the division are O(d), not counted."""
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        maps = 2 * 2 * self.h * self.d * self.d
+        state = 4 * self.h * 2 * self.d * (self.d + 1)
+        return float(sum(p.flops_per_token() for p in projs) + maps + state)
+
     def _qkv(self, x, positions):
         b, t, _ = x.shape
         shape = (b, t, self.h, self.d)

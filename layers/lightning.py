@@ -67,6 +67,17 @@ class Lightning(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         return {"state": jnp.zeros((batch, self.h, self.d, self.d), jnp.float32)}
 
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """The state 4·H·D·D bytes (float32 whatever `dtype`), independent of context_len."""
+        return 4 * self.h * self.d * self.d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token, independent of seq_len: 4·2·d·d (q, k, v, u) + 2·d·d (o)
+        + 5·H·D·D (recurrent form: decay λS D·D, update k vᵀ 2·D·D, readout Sᵀq 2·D·D). The
+        SiLUs, the norm and the sigmoid gate are O(d) and not counted."""
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.u_proj, self.o_proj)
+        return float(sum(p.flops_per_token() for p in projs) + 5 * self.h * self.d * self.d)
+
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         b, t, _ = x.shape
         shape = (b, t, self.h, self.d)

@@ -56,6 +56,21 @@ class Mamba2(nnx.Module):
         return {"conv": self.conv.init_cache(batch, dtype),
                 "state": jnp.zeros((batch, self.h, self.p, self.n), jnp.float32)}
 
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """One row's decode cache, independent of context_len: the SSM state 4·H·P·N (float32
+        whatever `dtype`) + the conv inputs (conv_size − 1)·(d_inner + 2·G·N)·itemsize(dtype)."""
+        return 4 * self.h * self.p * self.n + self.conv.cache_bytes(dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token, independent of seq_len:
+        2·d·(2·d_inner + 2·G·N + H) (in_proj: z, xBC, dt) + 2·d_inner·d (out_proj)
+        + 2·(d_inner + 2·G·N)·conv_size (conv)
+        + 5·H·P·N (recurrent form: decay exp(dt'A)·h P·N, update dt'·x Bᵀ 2·P·N, readout h C
+        2·P·N). The D skip, softplus and the gated norm are O(d) and not counted."""
+        state = 5 * self.h * self.p * self.n
+        return float(self.in_proj.flops_per_token() + self.out_proj.flops_per_token()
+                     + self.conv.flops_per_token() + state)
+
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         b, t, _ = x.shape
         zxbcdt = self.in_proj(x)

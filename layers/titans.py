@@ -155,6 +155,30 @@ class NeuralMemory(nnx.Module):
     def init_conv_cache(self, batch: int, dtype=jnp.float32):
         return self.conv.init_cache(batch, dtype)
 
+    def memory_size(self) -> tuple[int, int]:
+        """(P, P_0): weights of one head's memory, P = Σ_i d_i·d_{i+1}, and of its first layer."""
+        sizes = [math.prod(getattr(self, f"memory0_{n}").shape[1:]) for n in self.memory_names]
+        return sum(sizes), sizes[0]
+
+    def state_bytes(self) -> int:
+        """One row of the op state: memory, momentum and block-start memory, 3·4·H·P bytes
+        (float32), + 4 for the position in the block (int32)."""
+        return 3 * 4 * self.h * self.memory_size()[0] + 4
+
+    def flops_per_token(self) -> float:
+        """Forward FLOPs per token of the core, independent of the sequence length:
+        3·2·d·H·D (q, k, v) + 2·d·3·H (θ, η, α) + 2·3·H·D·conv_size (conv)
+        + H·(11·P − 2·P_0) for the memory of P weights per head (first layer P_0), per weight:
+        read M(q) 2, forward M(k) at the block-start memory 2, back-propagation of the error to
+        the hidden layers 2 (not into the first layer: 2·(P − P_0)), momentum
+        S = ηS − (θh)δᵀ 3 (gradient outer product folded in), forgetting M = (1 − α)M + S 2.
+        Linear memory (P = P_0 = D²): 9·H·D². Activations, L2 norms and gates are O(d), not
+        counted."""
+        projs = sum(p.flops_per_token() for p in (self.q_proj, self.k_proj, self.v_proj))
+        gates = 2 * math.prod(self.gate_w.shape)
+        p, p0 = self.memory_size()
+        return float(projs + gates + self.conv.flops_per_token() + self.h * (11 * p - 2 * p0))
+
     def project(self, x, *, segment_ids=None, conv_cache=None):
         """x [B, T, d_model] -> (q, k, v [B, T, H, D], (θ, η, α) [B, T, H] f32, conv cache)."""
         b, t, _ = x.shape
@@ -203,6 +227,18 @@ class Titans(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         return {"conv": self.memory.init_conv_cache(batch, dtype),
                 "memory": self.memory.init_state(batch)}
+
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """Independent of context_len: the op state (`NeuralMemory.state_bytes`: 12·H·P + 4,
+        float32 memory/momentum/block start and an int32 position) + the conv inputs
+        (conv_size − 1)·3·H·D·itemsize(dtype)."""
+        return self.memory.state_bytes() + self.memory.conv.cache_bytes(dtype)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Independent of seq_len: the memory core (`NeuralMemory.flops_per_token`)
+        + 2·d·H·D (gate) + 2·H·D·d (o). The gated norm is O(d), not counted."""
+        return float(self.memory.flops_per_token() + self.g_proj.flops_per_token()
+                     + self.o_proj.flops_per_token())
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         """x [B, T, d_model] -> (y [B, T, d_model], cache). `positions` is not used."""

@@ -55,9 +55,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.common import (GatedRMSNorm, Linear, RMSNorm, make_param, positions_from_segments,
-                           rotary_embedding, valid_lengths)
-from layers.attention import init_kv_cache, write_kv_cache
+from layers.common import (GatedRMSNorm, Linear, RMSNorm, make_param, mean_causal_keys,
+                           positions_from_segments, rotary_embedding, valid_lengths)
+from layers.attention import init_kv_cache, kv_cache_bytes, write_kv_cache
 from layers.titans import NeuralMemory, memory_read
 from pallas_kernels.attention import attention
 from pallas_kernels.common import pad_axis
@@ -102,6 +102,12 @@ class SinkAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.h, self.d)
         return (rotary_embedding(q, positions, theta=self.rope_theta),
                 rotary_embedding(k, positions, theta=self.rope_theta), v)
+
+    def flops_per_token(self, mean_keys: float) -> float:
+        """3·2·d·H·D (q, k, v) + 4·H·D·(mean_keys + P): q·k and p·v over the P persistent tokens
+        and `mean_keys` other keys per query on average."""
+        projs = sum(p.flops_per_token() for p in (self.q_proj, self.k_proj, self.v_proj))
+        return float(projs + 4 * self.h * self.d * (mean_keys + self.p))
 
     def attend(self, q, k, v, *, q_pos, kv_pos, q_seg, kv_seg, window=None):
         """attention(q, [sinks ‖ k], [sinks ‖ v]); q [B, Tq, H, D], k/v [B, Tk, H, D] with their
@@ -232,6 +238,22 @@ class TitansMAG(_TitansAttentionBase):
                 "attn": init_kv_cache(batch, slots, ("k", "v"), self.h, self.d, dtype),
                 "length": jnp.zeros((batch,), jnp.int32)}
 
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """One row, as `init_cache` holds it: the memory state 12·H·P + 4 and conv inputs
+        (conv_size − 1)·3·H·D·itemsize (as `Titans`), the ring of S = min(context_len, w) slots
+        2·S·H·D·itemsize(dtype) + 4·S (slot_pos), + 4 (length). Saturates at S = w."""
+        slots = min(self.window, context_len)
+        return (self.memory.state_bytes() + self.memory.conv.cache_bytes(dtype)
+                + kv_cache_bytes(slots, 2, self.h, self.d, dtype) + 4)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The memory core (`NeuralMemory.flops_per_token`) + the sink attention's q, k, v
+        3·2·d·H·D and mixing 4·H·D·(P + mean_causal_keys(T, w)) + 2·d·H·D (mix gate)
+        + 2·d·H·D (output gate) + 2·H·D·d (o). Norms and gates' elementwise work are O(d)."""
+        projs = sum(p.flops_per_token() for p in (self.mix_proj, self.g_proj, self.o_proj))
+        attn = self.attn.flops_per_token(mean_causal_keys(seq_len, self.window))
+        return float(self.memory.flops_per_token() + attn + projs)
+
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         """x [B, T, d_model] -> (y [B, T, d_model], cache)."""
         b, t, _ = x.shape
@@ -297,6 +319,30 @@ class TitansMAC(_TitansAttentionBase):
                 "attn": init_kv_cache(batch, self.segment_len, ("hk", "hv", "k", "v"), self.h,
                                    self.d, dtype),
                 "length": jnp.zeros((batch,), jnp.int32)}
+
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """One row, independent of context_len (`init_cache` always keeps C slots): the memory
+        state 12·H·P + 4 and conv inputs (conv_size − 1)·3·H·D·itemsize (as `Titans`), the
+        snapshot 4·H·P (float32), the ring of C slots of read-out and token keys/values
+        4·C·H·D·itemsize(dtype) + 4·C (slot_pos), + 4 (length)."""
+        c = self.segment_len
+        return (self.memory.state_bytes() + self.memory.conv.cache_bytes(dtype)
+                + 4 * self.h * self.memory.memory_size()[0]
+                + kv_cache_bytes(c, 4, self.h, self.d, dtype) + 4)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The memory core (`NeuralMemory.flops_per_token`; its one read is r_t = M_start(q_t))
+        + read-out keys/values 2·2·H·D·H·D + the sink attention's q, k, v 3·2·d·H·D and mixing
+        4·H·D·(P + 2·n̄), where a query at offset o of its segment sees o + 1 read-out tokens and
+        o + 1 tokens, n̄ = (1/T) Σ_{t<T} ((t mod C) + 1) over a document of T = seq_len tokens,
+        + 2·d·H·D (gate) + 2·H·D·d (o). Norms are O(d), not counted."""
+        t, c = seq_len, self.segment_len
+        n, r = divmod(t, c)
+        mean_keys = (n * c * (c + 1) / 2 + r * (r + 1) / 2) / t
+        projs = sum(p.flops_per_token() for p in (self.read_k, self.read_v, self.g_proj,
+                                                   self.o_proj))
+        return float(self.memory.flops_per_token() + self.attn.flops_per_token(2 * mean_keys)
+                     + projs)
 
     # -- memory read-outs ---------------------------------------------------------------------
 

@@ -117,3 +117,32 @@ def test_kv_sinks_are_visible_to_every_real_query():
     want = jnp.einsum("hk,khd->hd", jax.nn.softmax(logits, -1), jnp.concatenate([vs[0], v[0, 3:5]]))
     assert_close(got[0, 4], want, jnp.float32)
     assert np.all(np.asarray(got[0, 5]) == 0), "padding queries see no sink"
+
+
+def test_conv_size_0_is_plain_attention_and_the_conv_only_adds():
+    """conv_size = 0 (the default): the parameters, cache and output of plain attention; K > 0
+    adds `conv` and nothing else (the projections draw the same initial weights)."""
+    x = jax.random.normal(jax.random.key(6), (2, 9, 32))
+    plain = Attention(32, num_heads=4, num_kv_heads=2, conv_size=0, rngs=nnx.Rngs(0))
+    conv = Attention(32, num_heads=4, num_kv_heads=2, conv_size=4, rngs=nnx.Rngs(0))
+    params = lambda m: {"/".join(map(str, p)): v[...] for p, v in
+                        nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    p0, p4 = params(plain), params(conv)
+    assert sorted(p0) == [f"{n}_proj/w" for n in "koqv"]
+    assert sorted(p4) == sorted([*p0, "conv/w"])
+    for name, w in p0.items():
+        np.testing.assert_array_equal(w, p4[name])
+    assert set(plain.init_cache(2, 8)) == {"k", "v", "slot_pos", "length"}
+    assert conv.init_cache(2, 8)["conv"].shape == (2, 3, 32)
+    # Plain: o_proj(attention(RoPE(x W_q), RoPE(x W_k), x W_v)), composed here from the op.
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    q, k, v = plain._project(x, pos)
+    want = plain.o_proj(attention(q, k, v, impl="reference").reshape(2, 9, -1))
+    assert_close(plain(x)[0], want, jnp.float32)
+    # With the conv: plain attention (same projections) of x + conv(x).
+    assert_close(conv(x)[0], plain(x + conv.conv(x)[0])[0], jnp.float32)
+
+
+def test_conv_size_must_be_a_non_negative_int():
+    with pytest.raises(ValueError, match="conv_size"):
+        Attention(32, num_heads=4, conv_size=-1, rngs=nnx.Rngs(0))

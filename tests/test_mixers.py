@@ -1,6 +1,7 @@
 """The layer contract for every registered mixer (DESIGN.md §3): prefill + decode equals the full
 forward pass for rows of different lengths, packed documents equal separate sequences, and a
-2-layer model of the mixer trains with falling loss."""
+2-layer model of the mixer trains with falling loss. The cache and packing cases also run the
+options that change a layer's dataflow (attention's short conv)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +20,20 @@ def _cfg(layer_types, **kw):
                                       layer_types=tuple(layer_types), window=4, **kw))
 
 
-def _layer(name):
-    return get_mixer(name)(_cfg((name, name)), 1, nnx.Rngs(0))
+def _layer(name, options=None):
+    return get_mixer(name)(_cfg((name, name), mixer_options={name: options or {}}), 1,
+                           nnx.Rngs(0))
 
 
 MIXERS = known_mixers()
+# Every mixer with its defaults, and options that add state to the cache.
+CASES = [(n, {}) for n in MIXERS] + [("attn", {"conv_size": 4}), ("swa", {"conv_size": 4})]
+IDS = [n + "".join(f"-{k}{v}" for k, v in o.items()) for n, o in CASES]
 
 
-@pytest.mark.parametrize("name", MIXERS)
-def test_prefill_then_decode_equals_forward(name):
-    layer = _layer(name)
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_prefill_then_decode_equals_forward(name, options):
+    layer = _layer(name, options)
     x = jax.random.normal(jax.random.key(1), (2, 13, D_MODEL))
     full, _ = layer(x)
     lens = jnp.array([9, 5])
@@ -43,9 +48,9 @@ def test_prefill_then_decode_equals_forward(name):
         assert_close(yt[1, 0], full[1, 5 + s], jnp.float32, name=f"{name} decode {s} row 1")
 
 
-@pytest.mark.parametrize("name", MIXERS)
-def test_packing_equals_separate_sequences(name):
-    layer = _layer(name)
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_packing_equals_separate_sequences(name, options):
+    layer = _layer(name, options)
     x = jax.random.normal(jax.random.key(2), (1, 12, D_MODEL))
     seg = jnp.array([[1] * 5 + [2] * 6 + [0]])
     packed, _ = layer(x, segment_ids=seg)

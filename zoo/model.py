@@ -5,6 +5,11 @@ Each block is pre-norm mixer + residual, then pre-norm SwiGLU MLP + residual:
 Positions for rotary embedding are counted from each document's start (from `segment_ids`).
 The cache is a list with one entry per layer (each layer's own cache) — decoding continues
 every layer from where prefill left it.
+
+Costs come from the layers (DESIGN.md §3), never from matching mixer names:
+    flops_per_token(T) = Σ_blocks [mixer.flops_per_token(T) + 3·2·d·d_ff] + 2·d·V
+(the embedding lookup is free; norms are O(d) and not counted), training ≈ 3× that (the
+backward pass is ≈ 2× the forward), and cache_bytes(L) = Σ_blocks mixer.cache_bytes(L).
 """
 
 from __future__ import annotations
@@ -53,6 +58,22 @@ class LM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list:
         return [blk.mixer.init_cache(batch, max_len, dtype) for blk in self.blocks]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token at sequence length seq_len: every block's mixer and SwiGLU
+        MLP (3·2·d·d_ff) and the output head 2·d·V (module docstring)."""
+        blocks = sum(blk.mixer.flops_per_token(seq_len) + blk.mlp.flops_per_token()
+                     for blk in self.blocks)
+        return float(blocks + 2 * self.cfg.d_model * self.cfg.vocab_size)
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """3 × forward: the backward pass costs ≈ 2× the forward (input and weight gradients)."""
+        return 3.0 * self.flops_per_token(seq_len)
+
+    def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
+        """Decode cache bytes of one sequence after context_len tokens: Σ over layers of
+        mixer.cache_bytes (= the nbytes of `init_cache(1, context_len, dtype)`)."""
+        return sum(blk.mixer.cache_bytes(context_len, dtype) for blk in self.blocks)
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None):
         """tokens [B, T] int -> (logits [B, T, V] float32, cache or None)."""
