@@ -49,7 +49,7 @@ def _options(help_text: str) -> dict[str, str]:
 
 
 def test_every_cli_script_is_found():
-    assert {"bench_kernels.py", "recall_suite.py"} <= set(CLI_SCRIPTS)
+    assert {"bench_kernels.py", "ablate.py"} <= set(CLI_SCRIPTS)
 
 
 @pytest.mark.parametrize("script", CLI_SCRIPTS)
@@ -80,8 +80,8 @@ def test_help_is_complete(script):
     ("bench_kernels.py", ["--impls", "trition"], "--impls"),
     ("bench_kernels.py", ["--T", "0"], "--T"),
     ("bench_kernels.py", ["--clock", "sundial"], "--clock"),
-    ("recall_suite.py", ["--mixers", "attn,nope"], "--mixers"),
-    ("recall_suite.py", ["--cells", "255:64:4"], "--cells"),
+    ("ablate.py", ["--config", "c.py", "--workdir", "w", "--shard", "3/2"], "--shard"),
+    ("ablate.py", ["--config", "c.py", "--workdir", "w", "--shard", "x"], "--shard"),
 ])
 def test_a_bad_value_is_a_one_line_error(script, args, option):
     r = _run(script, *args)

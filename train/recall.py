@@ -1,5 +1,5 @@
 """Recall accuracy of a model's argmax predictions, shared by `train.eval`, the training loop
-(end of an MQAR run) and `scripts/recall_suite.py`.
+(end of an MQAR run) and the sweep runner (`train/sweep_jobs.py`).
 
 For inputs/targets [N, L] (targets −100 where unscored), the prediction at position t is
 argmax_v logits[n, t, v] of one forward pass over the whole row, and the score is
