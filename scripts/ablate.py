@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from train.cli_config import load_config_file
+    from train.interrupt import Interrupted
     from train.sweep import SweepError, cell_costs, collect_rows, plan_jobs, run_jobs
     from train.sweep_jobs import run_job
     from train.sweep_report import write_report
@@ -80,6 +81,14 @@ def main(argv=None) -> int:
     except (SweepError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:   # the job saved a checkpoint; the sweep resumes from it
+        print(f"stopped: {e}; rerun the same ablate command to resume the sweep",
+              file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stopped: interrupted between jobs; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     print("report: " + ", ".join(paths))
     return 0
 

@@ -2,11 +2,15 @@
 PORT WORKDIR`. Trains a tiny model through `train_and_evaluate`; the test signals one process
 and checks that both stop at the same step with one checkpoint. Prints `STOPPED <step> <rc>`."""
 
+import faulthandler
 import os
 import re
+import signal
 import sys
 
 import jax
+
+faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints where a hung process waits
 
 pid, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -218,17 +218,31 @@ def test_two_hosts_stop_at_the_same_step_when_one_is_signalled(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = os.path.join(ROOT, "tests", "multihost_interrupt.py")
-    procs = [subprocess.Popen([sys.executable, script, str(i), str(port), str(tmp_path)],
-                              cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for i in range(2)]
-    for line in procs[0].stdout:
-        if re.match(r"step\s+3/", line):
-            procs[1].send_signal(signal.SIGINT)
-            break
-    outs = [p.communicate(timeout=300) for p in procs]
+    # Process 1's output goes to files: an unread pipe that fills would block it inside a
+    # collective and so hang process 0 too.
+    logs = [open(tmp_path / f"p{i}.{k}", "w+") for i in range(2) for k in ("out", "err")]
+    procs = [subprocess.Popen([sys.executable, script, "0", str(port), str(tmp_path / "run")],
+                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=logs[1]),
+             subprocess.Popen([sys.executable, script, "1", str(port), str(tmp_path / "run")],
+                              cwd=ROOT, text=True, stdout=logs[2], stderr=logs[3])]
+    first = []
+    try:
+        for line in procs[0].stdout:
+            first.append(line)
+            if re.match(r"step\s+3/", line):
+                procs[1].send_signal(signal.SIGINT)
+                break
+        rest = procs[0].communicate(timeout=300)[0]
+        procs[1].wait(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    for f in logs:
+        f.seek(0)
+    outs = [("".join(first) + rest, logs[1].read()), (logs[2].read(), logs[3].read())]
     stopped = [re.search(r"STOPPED (\d+) (\d+)", out) for out, _ in outs]
     assert all(stopped), [err[-2000:] for _, err in outs]
     steps = {int(m.group(1)) for m in stopped}
     assert len(steps) == 1 and {int(m.group(2)) for m in stopped} == {130}
-    assert sorted(s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [
+    assert sorted(s for s in os.listdir(tmp_path / "run" / "checkpoints") if s.isdigit()) == [
         str(steps.pop())]

@@ -39,18 +39,19 @@ class StopFlag:
     """Context manager: while active, SIGINT/SIGTERM request a stop instead of killing."""
 
     def __init__(self, say=print):
-        self.signum: int | None = None
+        self.signum: int | None = None      # the stop every process agreed on
+        self._received: int | None = None   # what reached this process (set by the handler)
         self._say = say
         self._previous = {}
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.signum is not None:
+        if self._received is not None:
             sys.stderr.write(f"\n{name} again: aborting now without saving "
                              f"(exit {EXIT_CODES[signum]})\n")
             sys.stderr.flush()
             os._exit(EXIT_CODES[signum])
-        self.signum = signum
+        self._received = signum
         sys.stderr.write(f"\n{name}: finishing this step and saving a checkpoint "
                          f"(send it again to abort at once)\n")
         sys.stderr.flush()
@@ -69,13 +70,16 @@ class StopFlag:
 
     def should_stop(self, step: int, manager=None) -> bool:
         """True on every process at the same step once any process was signalled (or reached
-        orbax's preemption sync point)."""
-        local = self.signum is not None
+        orbax's preemption sync point). The decision uses only the gathered snapshot: a signal
+        that lands while the gather is in flight counts at the next step, on every process."""
+        received = self._received or 0   # snapshot before the collective
         if jax.process_count() == 1:
-            return local
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-        flags = multihost_utils.process_allgather(np.array([self.signum or 0], np.int32))
-        preempted = manager is not None and manager.reached_preemption(step)
+            flags = np.array([received])
+            preempted = False
+        else:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            flags = multihost_utils.process_allgather(np.array([received], np.int32))
+            preempted = manager is not None and manager.reached_preemption(step)
         if self.signum is None and (np.any(flags) or preempted):
             self.signum = int(np.max(flags)) or signal.SIGTERM
         return self.signum is not None

@@ -26,7 +26,7 @@ from train.data import load_data
 from train.fields import check_config
 from train.guard import SkippedUpdates
 from train.interrupt import Interrupted, StopFlag
-from train.metrics import MetricsWriter, device_peak_flops, flops_per_token
+from train.metrics import MetricsWriter, device_peak_flops
 from train.optimizer import make_schedule
 from train.resume import check_resume
 from train.sharding import batch_sharding, make_mesh, replicated, to_global
@@ -128,8 +128,7 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
         train_step = make_train_step(ts.graphdef, ts.tx, ts.shardings(state), bsh, replicated(mesh))
         schedule_lr = make_schedule(tc)
         seq_len = int(config.data.seq_len)
-        n_attn = sum(t in ("attn", "swa") for t in model_cfg.layer_types)
-        fpt = flops_per_token(ts.n_params - ts.n_embed, n_attn, seq_len, model_cfg.d_model)
+        fpt = ts.abstract_model.train_flops_per_token(seq_len)  # each mixer's own count
         peak = device_peak_flops()
         log_every = max(1, int(tc.log_every))
         every = max(1, int(config.checkpoint.every))

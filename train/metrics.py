@@ -1,7 +1,8 @@
 """Training logs: TensorBoard scalars, `<workdir>/metrics.jsonl`, a progress line, and MFU.
 
-MFU = achieved model FLOP/s ÷ the devices' peak. Model FLOPs per token ≈ 6·N (N = parameters
-outside the embedding) + 6·L_attn·T·d (attention scores, forward + backward, causal half).
+MFU = achieved model FLOP/s ÷ the devices' peak. Model FLOPs per token are the model's own
+count, `LM.train_flops_per_token(seq_len)`: 3 × the forward FLOPs each mixer reports for its
+math (backward ≈ 2 × forward), plus the MLPs and the output head.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 
 import jax
 
-__all__ = ["MetricsWriter", "flops_per_token", "device_peak_flops"]
+__all__ = ["MetricsWriter", "device_peak_flops"]
 
 # Dense peak FLOP/s per device: bf16 tensor-core peaks from the vendors' data sheets; the CPU
 # figure is a 2-core x86 host's float32 matmul peak (1024³ jnp.dot, best of 10: ~500 GFLOP/s).
@@ -30,10 +31,6 @@ def device_peak_flops() -> float:
         if key in kind:
             return peak * len(devices)
     return float("nan")
-
-
-def flops_per_token(n_params_non_embed: int, n_attn_layers: int, seq_len: int, d_model: int) -> float:
-    return 6.0 * n_params_non_embed + 6.0 * n_attn_layers * seq_len * d_model
 
 
 class _TensorBoard:

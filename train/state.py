@@ -54,6 +54,7 @@ class TrainState:
     def __post_init__(self):
         cfg, seed = self.model_cfg, self.seed
         abstract = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(seed)))
+        self.abstract_model = abstract   # shapes only: costs (FLOPs, cache bytes) read from it
         self.graphdef, abs_state = nnx.split(abstract)
         self.param_shapes = nnx.to_pure_dict(abs_state)
         self.param_shardings = param_specs(param_axes(abs_state), self.param_shapes, self.mesh)
