@@ -6,8 +6,8 @@
 
 The short convolution (a "Canon layer", Allen-Zhu 2025, Physics of LMs 4.1) mixes the previous
 K − 1 tokens into every projection's input, so a key can carry the token before it without a
-second layer: on MQAR (FIELD_NOTES.md) attention with K = 4 learns at a learning rate where
-plain attention does not. It is residual (x + conv), so a randomly initialised conv perturbs
+second layer: on MQAR (vocabulary 256, length 128, 16 pairs, lr 3e-3, 300 steps, d_model 64)
+attention with K = 4 reached 0.69 accuracy where plain attention stayed at 0.06. It is residual (x + conv), so a randomly initialised conv perturbs
 rather than replaces the token's own features; it is masked at document boundaries like the
 linear layers' convolutions, and its decode cache (the last K − 1 inputs) sits in the attention
 cache under "conv".
