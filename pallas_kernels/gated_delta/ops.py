@@ -18,43 +18,66 @@ document boundaries.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.common import check_float, check_segment_ids, check_shape, expand_groups
-from pallas_kernels.gated_delta.chunked import DEFAULT_CHUNK, gated_delta_rule_chunked
-from pallas_kernels.gated_delta.reference import (gated_delta_rule_reference, l2norm,
-                                                  recurrent_step)
+from pallas_kernels.common.frame import BenchSpec, Op
+from pallas_kernels.gated_delta.chunked import DEFAULT_CHUNK
+from pallas_kernels.gated_delta.reference import l2norm, recurrent_step
 
-__all__ = ["AVAILABLE", "gated_delta_rule", "gated_delta_rule_step"]
+__all__ = ["OP", "AVAILABLE", "gated_delta_rule", "gated_delta_rule_step"]
 
-OP = "gated_delta_rule"
-AVAILABLE = ("reference", "chunked", "triton", "mosaic_tpu")
+
+def _bench_inputs(key, B, T, H, D):
+    """q, k L2-normalised [B, T, H, D]; v; g = −softplus(x − 2) <= 0; β = sigmoid(x)."""
+    ks = jax.random.split(key, 5)
+    norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q, k = (norm(jax.random.normal(kk, (B, T, H, D))) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (B, T, H, D))
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, H)) - 2.0)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+    return q, k, v, g, beta
+
+
+_HERE = "pallas_kernels.gated_delta."
+OP = Op("gated_delta_rule",
+        impls={"reference": _HERE + "reference:gated_delta_rule_reference",
+               "chunked": _HERE + "chunked:gated_delta_rule_chunked",
+               "triton": _HERE + "gpu:gated_delta_rule_triton",
+               "mosaic_tpu": _HERE + "tpu:gated_delta_rule_tpu"},
+        bench=BenchSpec(inputs=_bench_inputs,
+                        shapes=({"B": 1, "H": 4, "D": 64}, {"B": 1, "H": 2, "D": 128}),
+                        peer={"peer:jla-chunked": "jla.ops.chunked:gated_delta_rule"}))
+AVAILABLE = OP.available
+_OP = OP.name
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, segment_ids):
     """Shape/dtype checks at trace time; returns (B, T, H, HV, K, V)."""
-    check_float(OP, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+    check_float(_OP, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
     if q.ndim != 4:
-        raise ValueError(f"{OP}: q must have shape [B, T, H, K], got {list(q.shape)}")
+        raise ValueError(f"{_OP}: q must have shape [B, T, H, K], got {list(q.shape)}")
     B, T, H, K = q.shape
-    check_shape(OP, "k", k, (B, T, H, K))
+    check_shape(_OP, "k", k, (B, T, H, K))
     if v.ndim != 4:
-        raise ValueError(f"{OP}: v must have shape [B, T, HV, V] = [{B}, {T}, *, *], "
+        raise ValueError(f"{_OP}: v must have shape [B, T, HV, V] = [{B}, {T}, *, *], "
                          f"got {list(v.shape)}")
-    check_shape(OP, "v", v, (B, T, None, None))
+    check_shape(_OP, "v", v, (B, T, None, None))
     HV, V = v.shape[2], v.shape[3]
     if HV % H != 0:
-        raise ValueError(f"{OP}: value heads HV={HV} (v.shape[2]) must be a multiple of the q/k "
+        raise ValueError(f"{_OP}: value heads HV={HV} (v.shape[2]) must be a multiple of the q/k "
                          f"heads H={H} (q.shape[2])")
-    check_shape(OP, "g", g, (B, T, HV))
-    check_shape(OP, "beta", beta, (B, T, HV))
+    check_shape(_OP, "g", g, (B, T, HV))
+    check_shape(_OP, "beta", beta, (B, T, HV))
     if initial_state is not None:
-        check_shape(OP, "initial_state", initial_state, (B, HV, K, V))
-    check_segment_ids(OP, segment_ids, B, T)
+        check_shape(_OP, "initial_state", initial_state, (B, HV, K, V))
+    check_segment_ids(_OP, segment_ids, B, T)
     return B, T, H, HV, K, V
 
 
+@OP.entry
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
                      output_final_state=False, use_qk_l2norm=False, segment_ids=None,
                      impl="auto", interpret=False, debug_checks=False,
@@ -69,30 +92,14 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     (the kernels use their own, 64).
     """
     _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
-    name = common.resolve_impl(OP, impl, available=AVAILABLE)
+    OP.resolve(impl)
     if debug_checks:
-        common.check_range(OP, "beta", beta, 0.0, 1.0)
-        common.check_range(OP, "g (a log decay)", g, hi=0.0)
-    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-              use_qk_l2norm=use_qk_l2norm, segment_ids=segment_ids)
-    if name == "reference":
-        return gated_delta_rule_reference(q, k, v, g, beta, **kw)
-    if name == "chunked":
-        return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, **kw)
-    if name == "triton":
-        from pallas_kernels.gated_delta.gpu import gated_delta_rule_triton as kernel
-    else:
-        from pallas_kernels.gated_delta.tpu import gated_delta_rule_tpu as kernel
-    kw.pop("initial_state"), kw.pop("segment_ids")
-
-    def run(q, k, v, g, beta, s0, seg):
-        o, s_final = kernel(q, k, v, g, beta, initial_state=s0, segment_ids=seg,
-                            interpret=interpret, **kw)
-        # shard_map needs a batch-leading output for every entry: carry a dummy state.
-        return o, (s_final if s_final is not None else jnp.zeros((q.shape[0],), jnp.float32))
-
-    o, s_final = common.shard_over_batch(run, q, k, v, g, beta, initial_state, segment_ids)
-    return o, (s_final if output_final_state else None)
+        common.check_range(_OP, "beta", beta, 0.0, 1.0)
+        common.check_range(_OP, "g (a log decay)", g, hi=0.0)
+    return OP.run(impl, (q, k, v, g, beta), scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+                  segment_ids=segment_ids, interpret=interpret,
+                  impl_kwargs={"chunked": {"chunk_size": chunk_size}})
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False):
@@ -101,7 +108,7 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
     q, k: [B, H, K]; v: [B, HV, V]; g, beta: [B, HV]; state: [B, HV, K, V].
     Returns (o [B, HV, V] in v.dtype, new_state [B, HV, K, V] float32).
     """
-    name = OP + "_step"
+    name = _OP + "_step"
     check_float(name, q=q, k=k, v=v, g=g, beta=beta, state=state)
     if q.ndim != 3:
         raise ValueError(f"{name}: q must have shape [B, H, K], got {list(q.shape)}")

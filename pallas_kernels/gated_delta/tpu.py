@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import mm, mm_nt
-from pallas_kernels.tpu_grid import chunk_spec, head_spec, sequential_params
+from pallas_kernels.common.tpu_grid import chunk_spec, head_spec, sequential_params
 from pallas_kernels.gated_delta.chunked import run_kernels
 
 __all__ = ["CHUNK", "LANE", "fwd_call", "bwd_call", "vmem_bytes", "recurrence",

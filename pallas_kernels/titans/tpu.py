@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import mm, mm_nt
-from pallas_kernels.tpu_grid import chunk_spec, head_spec, sequential_params
+from pallas_kernels.common.tpu_grid import chunk_spec, head_spec, sequential_params
 from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 

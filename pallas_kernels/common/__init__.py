@@ -1,5 +1,9 @@
 """Shared plumbing for every op: implementation choice, argument checks, segment masks, padding.
 
+The op frame (``frame.py``: implementation table, batch sharding of kernels, the layers'
+single-token step, benchmark cases), kernel layouts (``layout.py``) and the TPU grid of the
+sequential kernels (``tpu_grid.py``) live beside this module.
+
 The one place that resolves ``impl="auto"`` is :func:`resolve_impl`: "chunked" on CPU (and for
 ops with no kernel on the current backend), "triton" on GPU, "mosaic_tpu" on TPU, decided from
 ``jax.default_backend()`` before a ``pallas_call`` is built: a ``lax.platform_dependent`` whose
