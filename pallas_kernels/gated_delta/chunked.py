@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import expand_groups, pad_axis, segment_masks
+from pallas_kernels.common.triangular import unit_lower_inverse
 from pallas_kernels.gated_delta.reference import l2norm
 
 __all__ = ["DEFAULT_CHUNK", "BLOCK_ROWS", "Factors", "canonicalize", "doc_carry", "to_chunks",
@@ -48,7 +49,6 @@ __all__ = ["DEFAULT_CHUNK", "BLOCK_ROWS", "Factors", "canonicalize", "doc_carry"
 
 DEFAULT_CHUNK = 32           # CPU: 32 measured ~5-10% faster than 64 (fwd+bwd, D = 64 and 128)
 _HI = lax.Precision.HIGHEST
-_BASE_BLOCK = 16
 BLOCK_ROWS = 1024           # token × head rows per block of chunks (keeps a block in cache)
 
 
@@ -106,47 +106,6 @@ def from_chunks(x, time_major):
         B, H, NC, C, D = x.shape
         x = jnp.transpose(x, (0, 2, 3, 1, 4))
     return x.reshape(B, NC * C, H, D)
-
-
-def _diag_blocks(a, b):
-    """[..., C, C] -> [..., C // b, b, b]: the diagonal b×b blocks (static slices; a
-    ``jnp.diagonal`` formulation trips an XLA:CPU layout RET_CHECK in some batch layouts)."""
-    n = a.shape[-1] // b
-    return jnp.stack([a[..., i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(n)], axis=-3)
-
-
-def _inverse_product(a):
-    """(I + A)^{-1} = ∏_i (I + (−A)^{2^i}) for strictly lower A [..., b, b] (A^b = 0)."""
-    b = a.shape[-1]
-    t = jnp.eye(b, dtype=a.dtype) - a
-    p = -a
-    for _ in range(max(0, (b - 1).bit_length() - 1)):
-        p = jnp.matmul(p, p, precision=_HI)
-        t = t + jnp.matmul(t, p, precision=_HI)
-    return t
-
-
-def unit_lower_inverse(a):
-    """T = (I + A)^{-1} for strictly lower-triangular A [..., C, C].
-
-    Diagonal blocks of up to 16 by the product formula, then block doubling: splitting into 2×2
-    blocks, T = [[T11, 0], [−T22 A21 T11, T22]]. Batched matmuls only (XLA's triangular solve is
-    several times slower on CPU for many small systems).
-    """
-    C = a.shape[-1]
-    b = min(_BASE_BLOCK, C)
-    while C % b or (C // b) & (C // b - 1):                              # C / b a power of two
-        b -= 1
-    t = _inverse_product(_diag_blocks(a, b))                             # [..., C/b, b, b]
-    while b < C:
-        a21 = _diag_blocks(a, 2 * b)[..., b:, :b]                         # [..., C/2b, b, b]
-        t = t.reshape(*t.shape[:-3], t.shape[-3] // 2, 2, b, b)
-        t11, t22 = t[..., 0, :, :], t[..., 1, :, :]
-        t21 = -jnp.matmul(t22, jnp.matmul(a21, t11, precision=_HI), precision=_HI)
-        t = jnp.concatenate([jnp.concatenate([t11, jnp.zeros_like(t11)], -1),
-                             jnp.concatenate([t21, t22], -1)], -2)
-        b *= 2
-    return t[..., 0, :, :]
 
 
 def _masked_exp(x, mask):
