@@ -109,3 +109,7 @@ _register("titans_mac", "layers.titans_variants:TitansMAC", core=("layers.titans
           passes=("head_dim", "rope_theta"),
           defaults={"segment_len": ("model.window", lambda cfg: cfg.window)},
           doc="Titans memory as context: segments attend over memory read-outs")
+_register("retnet", "layers.retnet:RetNet", passes=("rope_theta",),
+          doc="RetNet: multi-scale retention, fixed per-head decays 1 - 2^(-5-h), rotary, gated group norm")
+_register("deltanet", "layers.deltanet:DeltaNet",
+          doc="DeltaNet: delta rule (no decay), separate SiLU short convs, L2-normed q/k")
