@@ -7,7 +7,8 @@ q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K] (a log decay per key channel
 [B, HV, K, V] float32 (key-major).
 
 Implementations (``impl``): "reference" (token scan, the specification) and "chunked" (pure JAX
-WY form, the default everywhere until Pallas kernels are added).
+WY form with stable per-channel decay, ``chunked.py``; what "auto" gives on every backend until
+Pallas kernels are added).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from pallas_kernels import common
 from pallas_kernels.common import check_float, check_segment_ids, check_shape, expand_groups
 from pallas_kernels.common.frame import BenchSpec, Op
 from pallas_kernels.gated_delta.reference import l2norm
+from pallas_kernels.kda.chunked import DEFAULT_CHUNK
 from pallas_kernels.kda.reference import recurrent_step
 
 __all__ = ["OP", "AVAILABLE", "DEFAULT_CHUNK", "kda", "kda_step"]
-
-DEFAULT_CHUNK = 32
 
 
 def _bench_inputs(key, B, T, H, D):
@@ -41,8 +41,8 @@ def _bench_inputs(key, B, T, H, D):
 
 _HERE = "pallas_kernels.kda."
 OP = Op("kda",
-        impls={"reference": _HERE + "reference:kda_reference"},
-        fallback="reference",
+        impls={"reference": _HERE + "reference:kda_reference",
+               "chunked": _HERE + "chunked:kda_chunked"},
         bench=BenchSpec(inputs=_bench_inputs, peer={"peer:jla-chunked": "jla.ops.chunked:kda"},
                         impls=("chunked", "reference")))
 AVAILABLE = OP.available
