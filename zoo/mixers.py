@@ -4,10 +4,16 @@ Every registration is one `_register` call: the layer class (imported on first u
 optional model fields it reads, the arguments fixed by the model, and the overridable defaults
 that depend on the model. Everything else in the class's constructor is an option that
 `model.mixer_options[name]` may set; an unknown option is a ConfigError listing the allowed ones.
+
+A constructor argument whose default is an instance of a dataclass (an options dataclass, e.g.
+Titans' `memory: MemoryOptions = MemoryOptions()`) is offered field by field: its fields are
+options of their own (`model.mixer_options.titans.memory_depth=2`), gathered back into one
+instance of the dataclass for the constructor. Its field names may not repeat another option.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from typing import Callable
@@ -16,7 +22,7 @@ import jax.numpy as jnp
 
 from zoo.registry import register_mixer
 
-__all__ = ["layer_options"]
+__all__ = ["layer_options", "option_groups"]
 
 # Set from the model for every layer; never an option.
 _ALWAYS_FIXED = ("num_heads", "impl", "dtype")
@@ -27,24 +33,53 @@ def _import(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def layer_options(*classes, exclude=()) -> dict:
-    """{keyword: default} of the classes' constructors (a layer that forwards **kwargs to its core
-    lists the core as a second class); a required keyword has the default `inspect._empty`."""
+def _keywords(cls) -> dict:
+    """{keyword: default} of the constructor (`inspect._empty` for a required one)."""
+    return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def option_groups(cls) -> dict:
+    """{argument: default instance} of the constructor's options-dataclass arguments (module
+    docstring)."""
+    return {name: default for name, default in _keywords(cls).items()
+            if dataclasses.is_dataclass(default) and not isinstance(default, type)}
+
+
+def layer_options(cls, exclude=()) -> dict:
+    """{option: default} of the class's constructor, an options-dataclass argument replaced by
+    its fields; a required keyword has the default `inspect._empty`."""
+    groups = option_groups(cls)
     out = {}
-    for cls in classes:
-        for p in inspect.signature(cls.__init__).parameters.values():
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in out:
-                out[p.name] = p.default
+    for name, default in _keywords(cls).items():
+        if name not in groups:
+            out[name] = default
+    for arg, default in groups.items():
+        for field in dataclasses.fields(default):
+            if field.name in out:
+                raise ValueError(f"{cls.__name__}: option {field.name!r} of {arg}: "
+                                 f"{type(default).__name__} repeats a constructor argument")
+            out[field.name] = getattr(default, field.name)
     for name in ("self", "d_model", "rngs", *_ALWAYS_FIXED, *exclude):
         out.pop(name, None)
     return out
 
 
-def _register(name: str, layer: str, *, core: tuple[str, ...] = (), passes: tuple[str, ...] = (),
+def _gather_groups(cls, options: dict) -> dict:
+    """The constructor's keywords from flat options: each options dataclass's fields become one
+    instance of it (the others keep their defaults)."""
+    kw = dict(options)
+    for arg, default in option_groups(cls).items():
+        fields = {f.name: kw.pop(f.name) for f in dataclasses.fields(default) if f.name in kw}
+        kw[arg] = dataclasses.replace(default, **fields)
+    return kw
+
+
+def _register(name: str, layer: str, *, passes: tuple[str, ...] = (),
               fixed: Callable | None = None, defaults: dict | None = None, doc: str):
     """Register `name`: cls(d_model, num_heads=, impl=, dtype=, **{f: cfg.f for f in passes},
     **fixed(cfg, layer_idx), **{option: rule(cfg) for defaults}) with the defaults overridden by
-    model.mixer_options[name].
+    model.mixer_options[name] (an options dataclass's fields gathered into it, module docstring).
 
     ``defaults`` maps an option to (text, rule): its default computed from the model config and
     how `--mixers` shows it. The mixer declares that it reads the optional model fields in
@@ -54,21 +89,17 @@ def _register(name: str, layer: str, *, core: tuple[str, ...] = (), passes: tupl
     reads = tuple(passes) + tuple(t[len("model."):] for t, _ in defaults.values()
                                   if t.startswith("model."))
 
-    def classes():
-        return [_import(p) for p in (layer, *core)]
-
     def factory(cfg, layer_idx, rngs):
-        cls, *cores = classes()
+        cls = _import(layer)
         kw = dict(num_heads=cfg.num_heads, impl=cfg.impl, dtype=jnp.dtype(cfg.dtype),
                   **{f: getattr(cfg, f) for f in passes}, **fixed(cfg, layer_idx))
-        allowed = set(layer_options(cls, *cores, exclude=kw))
+        allowed = set(layer_options(cls, exclude=kw))
         options = {**{k: rule(cfg) for k, (_, rule) in defaults.items()},
                    **cfg.options(name, allowed)}
-        return cls(cfg.d_model, rngs=rngs, **kw, **options)
+        return cls(cfg.d_model, rngs=rngs, **kw, **_gather_groups(cls, options))
 
     def options():
-        cls, *cores = classes()
-        opts = layer_options(cls, *cores, exclude=(*passes, *_fixed_names(fixed)))
+        opts = layer_options(_import(layer), exclude=(*passes, *_fixed_names(fixed)))
         return {**opts, **{k: text for k, (text, _) in defaults.items()}}
 
     register_mixer(name, reads=reads, options=options, doc=doc)(factory)
@@ -98,14 +129,14 @@ _register("hedgehog", "layers.hedgehog:Hedgehog",
 _register("mamba2", "layers.mamba:Mamba2",
           defaults={"d_state": ("min(64, d_model / 2)", lambda cfg: min(64, cfg.d_model // 2))},
           doc="Mamba-2 block (SSD: scalar-decay state-space duality)")
-_register("titans", "layers.titans:Titans", core=("layers.titans:NeuralMemory",),
+_register("titans", "layers.titans:Titans",
           passes=("head_dim",),
           doc="Titans neural memory as a layer (MAL when followed by swa)")
-_register("titans_mag", "layers.titans_variants:TitansMAG", core=("layers.titans:NeuralMemory",),
+_register("titans_mag", "layers.titans_variants:TitansMAG",
           passes=("head_dim", "rope_theta"),
           defaults={"window": ("model.window", lambda cfg: cfg.window)},
           doc="Titans memory as a gate over sliding-window attention with persistent tokens")
-_register("titans_mac", "layers.titans_variants:TitansMAC", core=("layers.titans:NeuralMemory",),
+_register("titans_mac", "layers.titans_variants:TitansMAC",
           passes=("head_dim", "rope_theta"),
           defaults={"segment_len": ("model.window", lambda cfg: cfg.window)},
           doc="Titans memory as context: segments attend over memory read-outs")
@@ -113,3 +144,13 @@ _register("retnet", "layers.retnet:RetNet", passes=("rope_theta",),
           doc="RetNet: multi-scale retention, fixed per-head decays 1 - 2^(-5-h), rotary, gated group norm")
 _register("deltanet", "layers.deltanet:DeltaNet",
           doc="DeltaNet: delta rule (no decay), separate SiLU short convs, L2-normed q/k")
+_register("gla", "layers.gla:GLA",
+          doc="GLA: gated linear attention, low-rank per-channel gate logsigmoid/16, swish output gate")
+_register("hgrn2", "layers.hgrn2:HGRN2",
+          fixed=lambda cfg, layer_idx: dict(layer_idx=layer_idx, n_layers=cfg.n_layers),
+          defaults={"expand_ratio": ("128 if d_model % 128 == 0 else d_model / num_heads",
+                                     lambda cfg: 128 if cfg.d_model % 128 == 0
+                                     else cfg.d_model // cfg.num_heads)},
+          doc="HGRN-2: gated linear RNN with state expansion, forget-gate lower bound by depth")
+_register("kda", "layers.kda:KDA",
+          doc="KDA (Kimi Linear): delta rule with per-channel decay, short convs, sigmoid-gated norm")
