@@ -1,10 +1,26 @@
 """Building blocks shared by every mixer: parameters with sharding metadata, projections,
-RMSNorm, gated RMSNorm, the SwiGLU MLP, rotary embedding, the causal short convolution, and the
-cost helpers every mixer's `flops_per_token` / `cache_bytes` use.
+RMSNorm, gated RMSNorm, the SwiGLU MLP, rotary embedding, the causal short convolution (one per
+stream: `StreamConvs`), and the cost helpers every mixer's `flops_per_token` / `cache_bytes` use.
 
-Cost convention (DESIGN.md §3): forward FLOPs per token of what the math needs, a multiply-add
-counted as 2; a projection d_in -> d_out is 2·d_in·d_out. Biases, norms, activations, rotary and
-softmax exponentials are O(d) per token and not counted.
+The layer contract (DESIGN.md §3) that every mixer, and every new one, follows:
+
+1. Projections are never sliced apart along a dimension that can be sharded. Each stream (q, k,
+   v, a gate, Mamba's x / B / C / dt ...) has its own `Linear` and, where it has a short
+   convolution, its own `CausalConv1d` (`StreamConvs`); a projection's output is reshaped into
+   whole heads, never cut at a feature offset or concatenated with another stream's. Under tensor
+   parallelism a projection's output columns are split over devices; slicing a fused
+   [q | k | v] at offsets would cut across that split (a reshard per slice, or wrong widths when
+   the tensor axis does not divide the parts). A split that keeps heads whole (a [d, 3, H]
+   weight, heads last) is allowed. `tests/test_mixers.py::test_projections_are_not_split`
+   checks every registered mixer's forward pass for it.
+2. Every mixer reports its cost: `flops_per_token(seq_len)` (forward FLOPs of what its math
+   needs, convention below) and `cache_bytes(context_len, dtype)` (one row of its decode cache,
+   exactly what `init_cache` allocates; `tests/test_layer_costs.py` checks both for every
+   registered mixer).
+
+Cost convention: forward FLOPs per token of what the math needs, a multiply-add counted as 2; a
+projection d_in -> d_out is 2·d_in·d_out. Biases, norms, activations, rotary and softmax
+exponentials are O(d) per token and not counted.
 
 Parameters are float32 and carry two pieces of metadata that the trainer reads:
 ``logical_axes`` (logical axis names, mapped to mesh axes by the rule table in
@@ -29,6 +45,7 @@ __all__ = [
     "rotary_embedding",
     "positions_from_segments",
     "CausalConv1d",
+    "StreamConvs",
     "valid_lengths",
     "itemsize",
     "mean_causal_keys",
@@ -253,3 +270,42 @@ class CausalConv1d(nnx.Module):
             idx = n[:, None] + jnp.arange(k - 1)[None, :]  # last K-1 real inputs in `full`
             new_cache = jnp.take_along_axis(full, idx[:, :, None], axis=1).astype(cache.dtype)
         return y, new_cache
+
+
+class StreamConvs(nnx.Module):
+    """One `CausalConv1d` per stream, so that streams are never concatenated and sliced apart
+    (the layer contract, module docstring): y_s = conv_s(x_s) for each stream s.
+
+    ``channels`` {stream name: width}; the convs are attributes of those names (parameters
+    ``<name>.w``), made in that order. The cache is {name: [B, K − 1, C_s]}.
+    """
+
+    def __init__(self, channels: dict[str, int], kernel_size: int = 4, *,
+                 activation: bool = True, use_bias: bool = False, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.names = tuple(channels)
+        for name, width in channels.items():
+            setattr(self, name, CausalConv1d(width, kernel_size, activation=activation,
+                                             use_bias=use_bias, dtype=dtype, rngs=rngs))
+
+    def _convs(self):
+        return [(name, getattr(self, name)) for name in self.names]
+
+    def init_cache(self, batch: int, dtype=jnp.float32) -> dict:
+        return {name: conv.init_cache(batch, dtype) for name, conv in self._convs()}
+
+    def flops_per_token(self) -> int:
+        """2·K·Σ_s C_s (`CausalConv1d.flops_per_token` per stream)."""
+        return sum(conv.flops_per_token() for _, conv in self._convs())
+
+    def cache_bytes(self, dtype=jnp.bfloat16) -> int:
+        """(K − 1)·Σ_s C_s·itemsize(dtype), as `init_cache` holds it."""
+        return sum(conv.cache_bytes(dtype) for _, conv in self._convs())
+
+    def __call__(self, streams: dict, *, segment_ids=None, cache=None):
+        """{name: [B, T, C_s]} -> ({name: [B, T, C_s]}, new cache or None)."""
+        out, new_cache = {}, {}
+        for name, conv in self._convs():
+            out[name], new_cache[name] = conv(streams[name], segment_ids=segment_ids,
+                                              cache=None if cache is None else cache[name])
+        return out, (new_cache if cache is not None else None)

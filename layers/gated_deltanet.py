@@ -1,13 +1,15 @@
 """GatedDeltaNet mixer (Yang et al., "Gated Delta Networks: Improving Mamba2 with Delta Rule").
 
-    q, k, v = SiLU(conv4(x W_q)), SiLU(conv4(x W_k)), SiLU(conv4(x W_v))     # causal, depthwise
+    q, k, v = SiLU(conv4_q(x W_q)), SiLU(conv4_k(x W_k)), SiLU(conv4_v(x W_v))  # causal, depthwise
     β_t = sigmoid(x_t W_β),  g_t = −exp(A_log) · softplus(x_t W_a + dt_bias)   # [B, T, HV]
     o = gated_delta_rule(q, k, v, g, β; L2-normalised q/k, scale K^−1/2)      # [B, T, HV, V]
     y = (RMSNorm(o) ⊙ SiLU(x W_gate)) W_o                                     # per value head
 
 More value heads than q/k heads are allowed (`num_v_heads`, grouped as in the op). A_log and
-dt_bias are excluded from weight decay. The cache holds the short-convolution inputs and the
-recurrent state [B, HV, K, V] (float32); decoding (T = 1) uses the op's single-step form.
+dt_bias are excluded from weight decay. Each of q, k, v has its own projection and its own short
+convolution (the layer contract, `layers/common.py`). The cache holds the three convolutions'
+inputs and the recurrent state [B, HV, K, V] (float32); decoding (T = 1) uses the op's
+single-step form.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.common import CausalConv1d, GatedRMSNorm, Linear, make_param
+from layers.common import GatedRMSNorm, Linear, StreamConvs, make_param
+from pallas_kernels.common.frame import sequence_or_step
 from pallas_kernels.gated_delta import gated_delta_rule, gated_delta_rule_step
 
 __all__ = ["GatedDeltaNet"]
@@ -42,7 +45,8 @@ class GatedDeltaNet(nnx.Module):
         self.q_proj, self.k_proj, self.v_proj = lin(qk), lin(qk), lin(vv)
         self.a_proj, self.b_proj = lin(num_v_heads), lin(num_v_heads)
         self.g_proj = lin(vv) if use_gate else None
-        self.conv = CausalConv1d(2 * qk + vv, conv_size, activation=True, dtype=dtype, rngs=rngs)
+        self.conv = StreamConvs({"q": qk, "k": qk, "v": vv}, conv_size, activation=True,
+                                dtype=dtype, rngs=rngs)
         # A ~ U(1, 16) and dt ~ logU(1e-3, 1e-1) at init, as in Mamba-2 / GatedDeltaNet.
         key_a, key_dt = jax.random.split(rngs.params())
         a = jax.random.uniform(key_a, (num_v_heads,), jnp.float32, 1.0, 16.0)
@@ -60,13 +64,14 @@ class GatedDeltaNet(nnx.Module):
 
     def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
         """One row's decode cache, independent of context_len: the state 4·HV·K·V (float32
-        whatever `dtype`) + the conv inputs (conv_size − 1)·(2·H·K + HV·V)·itemsize(dtype)."""
+        whatever `dtype`) + the q, k, v convs' inputs
+        (conv_size − 1)·(2·H·K + HV·V)·itemsize(dtype)."""
         return 4 * self.hv * self.k_dim * self.v_dim + self.conv.cache_bytes(dtype)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token, independent of seq_len:
         2·d·(2·H·K + HV·V) (q, k, v) + 2·d·2·HV (a, β) + 2·d·HV·V (gate) + 2·HV·V·d (o)
-        + 2·(2·H·K + HV·V)·conv_size (conv)
+        + 2·(2·H·K + HV·V)·conv_size (the q, k and v convs)
         + 7·HV·K·V (recurrent form per value head: decay g·S K·V, prediction S'ᵀk 2·K·V,
         rank-1 update k (β(v − S'ᵀk))ᵀ 2·K·V, readout Sᵀq 2·K·V). Gates, L2 norms and the
         output norm are O(d) and not counted."""
@@ -85,27 +90,17 @@ class GatedDeltaNet(nnx.Module):
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         """x [B, T, d_model] -> (y [B, T, d_model], cache)."""
         b, t, _ = x.shape
-        qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        qkv, conv_cache = self.conv(qkv, segment_ids=segment_ids,
-                                    cache=None if cache is None else cache["conv"])
-        qk = self.h * self.k_dim
-        q = qkv[..., :qk].reshape(b, t, self.h, self.k_dim)
-        k = qkv[..., qk:2 * qk].reshape(b, t, self.h, self.k_dim)
-        v = qkv[..., 2 * qk:].reshape(b, t, self.hv, self.v_dim)
+        streams, conv_cache = self.conv(
+            {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)},
+            segment_ids=segment_ids, cache=None if cache is None else cache["conv"])
+        q = streams["q"].reshape(b, t, self.h, self.k_dim)
+        k = streams["k"].reshape(b, t, self.h, self.k_dim)
+        v = streams["v"].reshape(b, t, self.hv, self.v_dim)
         g, beta = self._gates(x)
-        new_cache = None
-        if cache is not None and t == 1 and segment_ids is None:
-            o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
-                                             cache["state"], use_qk_l2norm=True)
-            o = o[:, None]
-            new_cache = {"conv": conv_cache, "state": state}
-        else:
-            o, state = gated_delta_rule(
-                q, k, v, g, beta, initial_state=None if cache is None else cache["state"],
-                output_final_state=cache is not None, use_qk_l2norm=True,
-                segment_ids=segment_ids, impl=self.impl)
-            if cache is not None:
-                new_cache = {"conv": conv_cache, "state": state}
+        o, state = sequence_or_step(gated_delta_rule, gated_delta_rule_step, q, k, v, g, beta,
+                                    state=None if cache is None else cache["state"],
+                                    segment_ids=segment_ids, impl=self.impl, use_qk_l2norm=True)
+        new_cache = None if cache is None else {"conv": conv_cache, "state": state}
         o = o.reshape(b, t, self.hv * self.v_dim)
         if self.o_norm is not None:
             o = self.o_norm(o, self.g_proj(x))

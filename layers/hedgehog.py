@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.common import Linear, make_param, positions_from_segments, rotary_embedding
+from pallas_kernels.common.frame import sequence_or_step
 from pallas_kernels.simple_gla import simple_gla, simple_gla_step
 
 __all__ = ["Hedgehog", "HedgehogFeatureMap"]
@@ -106,15 +107,10 @@ class Hedgehog(nnx.Module):
         fq, fk = self.q_map(q), self.k_map(k)  # [B, T, H, 2D] float32
         v1 = jnp.concatenate([v.astype(jnp.float32), jnp.ones((b, t, self.h, 1), jnp.float32)], -1)
         g = jnp.zeros((b, t, self.h), jnp.float32)
+        o, state = sequence_or_step(simple_gla, simple_gla_step, fq, fk, v1, g,
+                                    state=None if cache is None else cache["state"],
+                                    segment_ids=segment_ids, impl=self.impl, scale=1.0)
         new_cache = None
-        if cache is not None and t == 1 and segment_ids is None:
-            o, state = simple_gla_step(fq[:, 0], fk[:, 0], v1[:, 0], g[:, 0], cache["state"], scale=1.0)
-            o = o[:, None]
-        else:
-            o, state = simple_gla(fq, fk, v1, g, scale=1.0,
-                                  initial_state=None if cache is None else cache["state"],
-                                  output_final_state=cache is not None, segment_ids=segment_ids,
-                                  impl=self.impl)
         if cache is not None:
             n = t if segment_ids is None else jnp.sum(segment_ids != 0, axis=1)
             new_cache = {"state": state, "length": cache["length"] + n}

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from layers.common import Linear, RMSNorm
+from pallas_kernels.common.frame import sequence_or_step
 from pallas_kernels.simple_gla import simple_gla, simple_gla_step
 
 __all__ = ["Lightning", "alibi_slopes", "lightning_decay"]
@@ -85,15 +86,9 @@ class Lightning(nnx.Module):
         k = jax.nn.silu(self.k_proj(x)).reshape(shape)
         v = self.v_proj(x).reshape(shape)
         g = jnp.broadcast_to(jnp.asarray(self.decay, jnp.float32), (b, t, self.h))
-        new_cache = None
-        if cache is not None and t == 1 and segment_ids is None:
-            o, state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], cache["state"], scale=1.0)
-            o, new_cache = o[:, None], {"state": state}
-        else:
-            o, state = simple_gla(q, k, v, g, scale=1.0,
-                                  initial_state=None if cache is None else cache["state"],
-                                  output_final_state=cache is not None, segment_ids=segment_ids,
-                                  impl=self.impl)
-            new_cache = None if cache is None else {"state": state}
+        o, state = sequence_or_step(simple_gla, simple_gla_step, q, k, v, g,
+                                    state=None if cache is None else cache["state"],
+                                    segment_ids=segment_ids, impl=self.impl, scale=1.0)
+        new_cache = None if cache is None else {"state": state}
         o = self.norm(o.reshape(b, t, -1)) * jax.nn.sigmoid(self.u_proj(x))
         return self.o_proj(o), new_cache

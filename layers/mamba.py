@@ -1,12 +1,17 @@
 """Mamba-2 block (Dao & Gu, "Transformers are SSMs", 2024) with SSD through simple_gla.
 
-    [z, xBC, dt] = x W_in;   xBC = SiLU(conv4(xBC));   [x, B, C] = split(xBC)
+    z, x', B, C, dt = x W_z, x W_x, x W_B, x W_C, x W_dt        # one projection per stream
+    x', B, C = SiLU(conv4_x(x')), SiLU(conv4_B(B)), SiLU(conv4_C(C))   # one short conv each
     y = ssd(x, dt, A = −exp(A_log), B, C, D, dt_bias)      # h_t = exp(dt'A) h + dt' x Bᵀ ; y = hC + Dx
     out = RMSNorm(y ⊙ SiLU(z)) W_out                         # gated norm, per group
 
 x [B, T, H, P] (d_inner = expand·d_model = H·P), B/C [B, T, G, N] shared by H/G heads each.
-A_log, D and dt_bias are excluded from weight decay. The cache holds the convolution inputs and
-the SSM state [B, H, P, N] (float32, mamba_ssm layout).
+mamba_ssm fuses the five projections into one `in_proj` and the three convolutions into one over
+[x | B | C], then slices them apart; here each stream has its own projection and convolution (the
+layer contract, `layers/common.py`) — the same math, as a depthwise conv is per channel. z, x
+and dt are sharded with the heads; B and C (G·N wide, shared by the heads) are replicated.
+A_log, D and dt_bias are excluded from weight decay. The cache holds the three convolutions'
+inputs and the SSM state [B, H, P, N] (float32, mamba_ssm layout).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.common import CausalConv1d, GatedRMSNorm, Linear, make_param
+from layers.common import GatedRMSNorm, Linear, StreamConvs, make_param
+from pallas_kernels.common.frame import sequence_or_step
 from pallas_kernels.simple_gla import ssd, ssd_step
 
 __all__ = ["Mamba2"]
@@ -34,11 +40,14 @@ class Mamba2(nnx.Module):
         self.d_inner, self.h, self.p = d_inner, num_heads, d_inner // num_heads
         self.g, self.n = n_groups, d_state
         self.impl, self.dtype = impl, dtype
-        conv_dim = d_inner + 2 * n_groups * d_state
-        self.in_proj = Linear(d_model, d_inner + conv_dim + num_heads, axes=("embed", "heads"),
-                              dtype=dtype, rngs=rngs)
-        self.conv = CausalConv1d(conv_dim, conv_size, activation=True, use_bias=True, dtype=dtype,
-                                 rngs=rngs)
+        gn = n_groups * d_state
+        lin = lambda n_out, axes=("embed", "heads"): Linear(d_model, n_out, axes=axes, dtype=dtype,
+                                                            rngs=rngs)
+        self.z_proj, self.x_proj = lin(d_inner), lin(d_inner)
+        self.B_proj, self.C_proj = lin(gn, ("embed", None)), lin(gn, ("embed", None))
+        self.dt_proj = lin(num_heads)
+        self.conv = StreamConvs({"x": d_inner, "B": gn, "C": gn}, conv_size, activation=True,
+                                use_bias=True, dtype=dtype, rngs=rngs)
         key_a, key_dt = jax.random.split(rngs.params())
         a = jax.random.uniform(key_a, (num_heads,), jnp.float32, 1.0, 16.0)
         dt = jnp.exp(jax.random.uniform(key_dt, (num_heads,), jnp.float32, math.log(dt_min),
@@ -58,40 +67,36 @@ class Mamba2(nnx.Module):
 
     def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
         """One row's decode cache, independent of context_len: the SSM state 4·H·P·N (float32
-        whatever `dtype`) + the conv inputs (conv_size − 1)·(d_inner + 2·G·N)·itemsize(dtype)."""
+        whatever `dtype`) + the x, B, C convs' inputs
+        (conv_size − 1)·(d_inner + 2·G·N)·itemsize(dtype)."""
         return 4 * self.h * self.p * self.n + self.conv.cache_bytes(dtype)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token, independent of seq_len:
-        2·d·(2·d_inner + 2·G·N + H) (in_proj: z, xBC, dt) + 2·d_inner·d (out_proj)
-        + 2·(d_inner + 2·G·N)·conv_size (conv)
+        2·d·(2·d_inner + 2·G·N + H) (z, x, B, C, dt) + 2·d_inner·d (out_proj)
+        + 2·(d_inner + 2·G·N)·conv_size (the x, B and C convs)
         + 5·H·P·N (recurrent form: decay exp(dt'A)·h P·N, update dt'·x Bᵀ 2·P·N, readout h C
         2·P·N). The D skip, softplus and the gated norm are O(d) and not counted."""
         state = 5 * self.h * self.p * self.n
-        return float(self.in_proj.flops_per_token() + self.out_proj.flops_per_token()
-                     + self.conv.flops_per_token() + state)
+        projs = (self.z_proj, self.x_proj, self.B_proj, self.C_proj, self.dt_proj, self.out_proj)
+        return float(sum(p.flops_per_token() for p in projs) + self.conv.flops_per_token() + state)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         b, t, _ = x.shape
-        zxbcdt = self.in_proj(x)
-        di, gn = self.d_inner, self.g * self.n
-        z, xbc, dt = zxbcdt[..., :di], zxbcdt[..., di:2 * di + 2 * gn], zxbcdt[..., 2 * di + 2 * gn:]
-        xbc, conv_cache = self.conv(xbc, segment_ids=segment_ids,
-                                    cache=None if cache is None else cache["conv"])
-        xs = xbc[..., :di].reshape(b, t, self.h, self.p)
-        bm = xbc[..., di:di + gn].reshape(b, t, self.g, self.n)
-        cm = xbc[..., di + gn:].reshape(b, t, self.g, self.n)
-        a = -jnp.exp(self.A_log[...])
+        streams, conv_cache = self.conv(
+            {"x": self.x_proj(x), "B": self.B_proj(x), "C": self.C_proj(x)},
+            segment_ids=segment_ids, cache=None if cache is None else cache["conv"])
+        xs = streams["x"].reshape(b, t, self.h, self.p)
+        bm = streams["B"].reshape(b, t, self.g, self.n)
+        cm = streams["C"].reshape(b, t, self.g, self.n)
+        dt = self.dt_proj(x)  # [B, T, H]
+        a = -jnp.exp(self.A_log[...])  # [H]: a constant of the op, not a per-token array
         args = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_softplus=True)
-        new_cache = None
-        if cache is not None and t == 1 and segment_ids is None:
-            y, state = ssd_step(xs[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0], cache["state"], **args)
-            y = y[:, None]
-        else:
-            y, state = ssd(xs, dt, a, bm, cm, initial_state=None if cache is None else cache["state"],
-                           output_final_state=cache is not None, segment_ids=segment_ids,
-                           impl=self.impl, **args)
-        if cache is not None:
-            new_cache = {"conv": conv_cache, "state": state}
-        y = self.norm(y.reshape(b, t, di), z)
+        y, state = sequence_or_step(
+            lambda xs, dt, bm, cm, **kw: ssd(xs, dt, a, bm, cm, **kw),
+            lambda xs, dt, bm, cm, state, **kw: ssd_step(xs, dt, a, bm, cm, state, **kw),
+            xs, dt, bm, cm, state=None if cache is None else cache["state"],
+            segment_ids=segment_ids, impl=self.impl, **args)
+        new_cache = None if cache is None else {"conv": conv_cache, "state": state}
+        y = self.norm(y.reshape(b, t, self.d_inner), self.z_proj(x))
         return self.out_proj(y), new_cache

@@ -3,7 +3,7 @@ the memory core shared by every Titans mixer, and the memory-as-a-layer mixer (`
 
 Memory core, per head h (D = head_dim):
 
-    q, k, v = SiLU(conv4([x W_q | x W_k | x W_v]))                     # causal, depthwise
+    q, k, v = SiLU(conv4_q(x W_q)), SiLU(conv4_k(x W_k)), SiLU(conv4_v(x W_v))  # causal, depthwise
     q, k = q / ‖q‖, k / ‖k‖                                            # x / sqrt(Σx² + 1e-6)
     η_t = σ(x_t W_η + b_η)                   (momentum, η ≈ 0.9 at init)        # [B, T, H]
     θ_t = θ_max · σ(x_t W_θ + b_θ) · (1 − η_t)   (learning rate, damped)
@@ -14,7 +14,10 @@ Memory core, per head h (D = head_dim):
 M is linear (`memory_depth=1`, M(x) = x W) or a bias-free MLP of depth ≥ 2 with hidden width
 `memory_hidden` and activation `activation`; its learned initial value `memory0` is also the
 state every document starts from. The recurrence is the `titans` op (`pallas_kernels/titans`),
-block-parallel within gradient blocks of `block_size` = b tokens (default 16).
+block-parallel within gradient blocks of `block_size` = b tokens (default 16). These settings
+are one frozen dataclass, `MemoryOptions`, taken as `memory=` by `NeuralMemory`, `Titans`,
+`TitansMAG` and `TitansMAC`; the mixer registry offers its fields as
+`model.mixer_options[<mixer>][<field>]`.
 
 Why θ is damped by (1 − η) and bounded by θ_max = 1/b. All b gradients of a block are taken at
 the block-start memory, and momentum keeps feeding each of them into M for ~1/(1 − η) tokens
@@ -41,22 +44,25 @@ which `memory0` already is. (MAG and MAC, in `layers/titans_variants.py`, put pe
 into their attention as always-visible sinks.)
 
 Weight decay: the θ/η/α projections (weights and biases) are tagged `no_decay` — they set the
-memory's operating point; norms and biases too. The cache is the short-convolution inputs and the
-op's state dict {memory, momentum, block_start, pos}; decoding (T = 1) uses `titans_step`.
+memory's operating point; norms and biases too. The cache is the q, k, v short convolutions'
+inputs and the op's state dict {memory, momentum, block_start, pos}; decoding (T = 1) uses
+`titans_step`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.common import CausalConv1d, GatedRMSNorm, Linear, make_param
+from layers.common import GatedRMSNorm, Linear, StreamConvs, make_param
+from pallas_kernels.common.frame import sequence_or_step
 from pallas_kernels.titans import ACTIVATIONS, init_state, memory_names, titans, titans_step
 
-__all__ = ["NeuralMemory", "Titans", "memory_read"]
+__all__ = ["MemoryOptions", "NeuralMemory", "Titans", "memory_read"]
 
 # The op and its step, jitted: eager callers compile one program per shape instead of dispatching
 # each primitive (under an outer jit these are inlined).
@@ -72,6 +78,63 @@ def _logit(p: float) -> float:
 def _l2norm(x, eps: float = 1e-6):
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryOptions:
+    """The memory core's settings (module docstring), checked when made.
+
+    memory_depth   1: linear memory M(x) = x W; L >= 2: a bias-free MLP of L layers.
+    memory_hidden  the MLP's hidden width (None: head_dim).
+    activation     between the MLP's layers, one of `pallas_kernels.titans.ACTIVATIONS`.
+    block_size     the gradient block b: a block's gradients are all taken at its start memory.
+    conv_size      kernel of the q, k and v short convolutions.
+    theta_max      bound of the learning rate θ (None: 1 / block_size, the bound at which a block
+                   of repeated tokens cannot diverge, module docstring).
+    theta_init     θ at init, θ_max·σ(b_θ) (None: theta_max / 5).
+    eta_init       momentum η at init (0.9).
+    alpha_init     forgetting α at init (0.02).
+    """
+    memory_depth: int = 2
+    memory_hidden: int | None = None
+    activation: str = "silu"
+    block_size: int = 16
+    conv_size: int = 4
+    theta_max: float | None = None
+    theta_init: float | None = None
+    eta_init: float = 0.9
+    alpha_init: float = 0.02
+
+    def __post_init__(self):
+        def positive_int(name, allow_none=False):
+            value = getattr(self, name)
+            if allow_none and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MemoryOptions: {name} must be a positive int"
+                                 f"{' or None' if allow_none else ''}, got {value!r}")
+        positive_int("memory_depth")
+        positive_int("memory_hidden", allow_none=True)
+        positive_int("block_size")
+        positive_int("conv_size")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MemoryOptions: activation {self.activation!r} is not one of "
+                             f"{tuple(ACTIVATIONS)}")
+        theta_max, theta_init = self.theta_bounds
+        if not 0.0 < theta_init < theta_max:
+            raise ValueError(f"MemoryOptions: need 0 < theta_init ({theta_init}) < theta_max "
+                             f"({theta_max})")
+        for name in ("eta_init", "alpha_init"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"MemoryOptions: {name} must be in (0, 1), got "
+                                 f"{getattr(self, name)!r}")
+
+    @property
+    def theta_bounds(self) -> tuple[float, float]:
+        """(θ_max, θ_init) with the defaults filled in: 1 / block_size and θ_max / 5."""
+        theta_max = 1.0 / self.block_size if self.theta_max is None else float(self.theta_max)
+        theta_init = theta_max / 5 if self.theta_init is None else float(self.theta_init)
+        return theta_max, theta_init
 
 
 def memory_read(weights: dict, x, activation: str = "silu"):
@@ -97,46 +160,37 @@ class NeuralMemory(nnx.Module):
     """
 
     def __init__(self, d_model: int, *, num_heads: int, head_dim: int | None = None,
-                 memory_depth: int = 2, memory_hidden: int | None = None,
-                 activation: str = "silu", block_size: int = 16, conv_size: int = 4,
-                 theta_max: float | None = None, theta_init: float | None = None,
-                 eta_init: float = 0.9, alpha_init: float = 0.02, impl: str = "auto",
+                 memory: MemoryOptions = MemoryOptions(), impl: str = "auto",
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        """theta_max defaults to 1 / block_size (module docstring) and theta_init, the initial
-        θ_max·σ(b_θ), to theta_max / 5."""
+        """``memory``: the core's settings (`MemoryOptions`)."""
+        if not isinstance(memory, MemoryOptions):
+            raise TypeError(f"NeuralMemory: memory must be a MemoryOptions, got "
+                            f"{type(memory).__name__}")
         head_dim = head_dim or d_model // num_heads
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"NeuralMemory: block_size must be a positive int, got {block_size!r}")
-        theta_max = 1.0 / block_size if theta_max is None else theta_max
-        theta_init = theta_max / 5 if theta_init is None else theta_init
-        if memory_depth < 1:
-            raise ValueError(f"NeuralMemory: memory_depth must be >= 1, got {memory_depth}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"NeuralMemory: activation {activation!r} is not one of "
-                             f"{tuple(ACTIVATIONS)}")
-        if not 0.0 < theta_init < theta_max:
-            raise ValueError(f"NeuralMemory: need 0 < theta_init ({theta_init}) < theta_max "
-                             f"({theta_max})")
+        theta_max, theta_init = memory.theta_bounds
+        self.options = memory
         self.h, self.d = num_heads, head_dim
-        self.block_size, self.activation, self.theta_max = block_size, activation, theta_max
+        self.block_size, self.activation = memory.block_size, memory.activation
+        self.theta_max = theta_max
         self.impl, self.dtype = impl, dtype
         hd = num_heads * head_dim
         lin = lambda: Linear(d_model, hd, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj = lin(), lin(), lin()
-        self.conv = CausalConv1d(3 * hd, conv_size, activation=True, dtype=dtype, rngs=rngs)
+        self.conv = StreamConvs({"q": hd, "k": hd, "v": hd}, memory.conv_size, activation=True,
+                                dtype=dtype, rngs=rngs)
         # θ, η, α: one fused projection d_model -> [3, H], biases set the initial operating point.
         gate_init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal",
                                                       in_axis=0, out_axis=(1, 2))
         self.gate_w = make_param(rngs, gate_init, (d_model, 3, num_heads), ("embed", None, "heads"),
                                  no_decay=True)
-        bias = jnp.array([_logit(theta_init / theta_max), _logit(eta_init), _logit(alpha_init)],
-                         jnp.float32)
+        bias = jnp.array([_logit(theta_init / theta_max), _logit(memory.eta_init),
+                          _logit(memory.alpha_init)], jnp.float32)
         self.gate_b = make_param(None, jnp.broadcast_to(bias[:, None], (3, num_heads)),
                                  (3, num_heads), (None, "heads"), no_decay=True)
         # Learned initial memory: {"w": [H, D, D]} or {"w0": [H, D, Dh], ..., "w{L-1}": [H, Dh, D]}.
-        hidden = memory_hidden or head_dim
-        dims = [head_dim] + [hidden] * (memory_depth - 1) + [head_dim]
-        names = ("w",) if memory_depth == 1 else tuple(f"w{i}" for i in range(memory_depth))
+        depth, hidden = memory.memory_depth, memory.memory_hidden or head_dim
+        dims = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+        names = ("w",) if depth == 1 else tuple(f"w{i}" for i in range(depth))
         self.memory_names = names
         w_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                    in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -167,7 +221,7 @@ class NeuralMemory(nnx.Module):
 
     def flops_per_token(self) -> float:
         """Forward FLOPs per token of the core, independent of the sequence length:
-        3·2·d·H·D (q, k, v) + 2·d·3·H (θ, η, α) + 2·3·H·D·conv_size (conv)
+        3·2·d·H·D (q, k, v) + 2·d·3·H (θ, η, α) + 2·3·H·D·conv_size (the q, k, v convs)
         + H·(11·P − 2·P_0) for the memory of P weights per head (first layer P_0), per weight:
         read M(q) 2, forward M(k) at the block-start memory 2, back-propagation of the error to
         the hidden layers 2 (not into the first layer: 2·(P − P_0)), momentum
@@ -182,43 +236,42 @@ class NeuralMemory(nnx.Module):
     def project(self, x, *, segment_ids=None, conv_cache=None):
         """x [B, T, d_model] -> (q, k, v [B, T, H, D], (θ, η, α) [B, T, H] f32, conv cache)."""
         b, t, _ = x.shape
-        qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        qkv, conv_cache = self.conv(qkv, segment_ids=segment_ids, cache=conv_cache)
-        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.h, self.d), 3, axis=2)  # [B, T, 1, H, D]
-        q, k, v = _l2norm(q[:, :, 0]), _l2norm(k[:, :, 0]), v[:, :, 0]  # [B, T, H, D]
+        streams, conv_cache = self.conv(
+            {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)},
+            segment_ids=segment_ids, cache=conv_cache)
+        shape = (b, t, self.h, self.d)
+        q, k = _l2norm(streams["q"].reshape(shape)), _l2norm(streams["k"].reshape(shape))
+        v = streams["v"].reshape(shape)  # q, k, v [B, T, H, D]
         logits = jnp.einsum("btd,dgh->btgh", x.astype(jnp.float32), self.gate_w[...])
         gates = jax.nn.sigmoid(logits + self.gate_b[...])  # [B, T, 3, H]
         eta = gates[:, :, 1]
         theta = self.theta_max * gates[:, :, 0] * (1.0 - eta)  # damped: module docstring
         return q, k, v, (theta, eta, gates[:, :, 2]), conv_cache
 
-    def recur(self, q, k, v, gates, *, segment_ids=None, state=None, final_state=False):
-        """The memory over a sequence: (y [B, T, H, D], state or None).
+    def recur(self, q, k, v, gates, *, segment_ids=None, state=None):
+        """The memory over a sequence: (y [B, T, H, D], new state or None).
 
-        ``state`` (an op state dict) continues a row; a single token without ``segment_ids`` takes
-        the op's step form. ``final_state`` asks for the state after the last real token."""
+        ``state`` (an op state dict, e.g. `init_state`) continues a row and the new state is
+        returned; a single token without ``segment_ids`` takes the op's step form."""
         theta, eta, alpha = gates
-        if state is not None and q.shape[1] == 1 and segment_ids is None:
-            y, new = _titans_step(q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0],
-                                 state, self.memory0(), block_size=self.block_size,
-                                 activation=self.activation)
-            return y[:, None], new
-        return _titans(q, k, v, theta, eta, alpha, self.memory0(), block_size=self.block_size,
-                      initial_state=state, output_final_state=final_state or state is not None,
-                      segment_ids=segment_ids, impl=self.impl, activation=self.activation)
+        mem0 = self.memory0()
+        options = dict(block_size=self.block_size, activation=self.activation)
+        return sequence_or_step(
+            lambda *a, **kw: _titans(*a, mem0, **kw),
+            lambda *a, **kw: _titans_step(*a, mem0, **kw),
+            q, k, v, theta, eta, alpha, state=state, segment_ids=segment_ids, impl=self.impl,
+            **options)
 
 
 class Titans(nnx.Module):
     """Memory as a layer: y = (RMSNorm_head(M_t(q_t)) ⊙ SiLU(x W_gate)) W_o (module docstring)."""
 
     def __init__(self, d_model: int, *, num_heads: int, head_dim: int | None = None,
-                 norm_eps: float = 1e-5, impl: str = "auto", dtype=jnp.float32,
-                 rngs: nnx.Rngs, **memory_options):
-        """``memory_options``: the memory core's settings (`NeuralMemory`: memory_depth,
-        memory_hidden, activation, block_size, conv_size, theta_max, theta_init, eta_init,
-        alpha_init)."""
-        self.memory = NeuralMemory(d_model, num_heads=num_heads, head_dim=head_dim, impl=impl,
-                                   dtype=dtype, rngs=rngs, **memory_options)
+                 memory: MemoryOptions = MemoryOptions(), norm_eps: float = 1e-5,
+                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        """``memory``: the memory core's settings (`MemoryOptions`)."""
+        self.memory = NeuralMemory(d_model, num_heads=num_heads, head_dim=head_dim, memory=memory,
+                                   impl=impl, dtype=dtype, rngs=rngs)
         hd = num_heads * self.memory.d
         self.g_proj = Linear(d_model, hd, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
         self.o_norm = GatedRMSNorm(hd, group_size=self.memory.d, eps=norm_eps, dtype=dtype)
@@ -230,7 +283,7 @@ class Titans(nnx.Module):
 
     def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
         """Independent of context_len: the op state (`NeuralMemory.state_bytes`: 12·H·P + 4,
-        float32 memory/momentum/block start and an int32 position) + the conv inputs
+        float32 memory/momentum/block start and an int32 position) + the q, k, v convs' inputs
         (conv_size − 1)·3·H·D·itemsize(dtype)."""
         return self.memory.state_bytes() + self.memory.conv.cache_bytes(dtype)
 

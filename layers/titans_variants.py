@@ -49,6 +49,7 @@ in one call; prefill + decode equals the full pass.
 
 from __future__ import annotations
 
+import enum
 import functools
 
 import jax
@@ -58,14 +59,28 @@ from flax import nnx
 from layers.common import (GatedRMSNorm, Linear, RMSNorm, make_param, mean_causal_keys,
                            positions_from_segments, rotary_embedding, valid_lengths)
 from layers.attention import init_kv_cache, kv_cache_bytes, write_kv_cache
-from layers.titans import NeuralMemory, memory_read
+from layers.titans import MemoryOptions, NeuralMemory, memory_read
 from pallas_kernels.attention import attention
 from pallas_kernels.common import pad_axis
 from pallas_kernels.titans import init_state, titans
 
-__all__ = ["SinkAttention", "TitansMAG", "TitansMAC"]
+__all__ = ["Read", "SinkAttention", "TitansMAG", "TitansMAC"]
 
-_FIRST, _KEEP, _MID = 0, 1, 2  # which memory a MAC token reads: memory0, the snapshot, M_mid
+class Read(enum.IntEnum):
+    """Which memory a MAC token reads in `_mac_reads` (its segment's start memory):
+
+    FIRST     memory0: the token is in the first segment of its document;
+    SNAPSHOT  the snapshot carried into the grid chunk: its segment began before the chunk
+              (also the label of padding tokens, whose read is never used);
+    MID       M_mid, the memory at the one segment start inside the chunk.
+
+    The same labels say how a chunk updates the snapshot it hands on, from the label of its last
+    real token: FIRST resets it to memory0, MID replaces it by M_mid, SNAPSHOT keeps it (also
+    for a chunk without real tokens). Stored as int32 arrays, compared with `==`.
+    """
+    FIRST = 0
+    SNAPSHOT = 1
+    MID = 2
 
 
 def _where_rows(cond, a, b):
@@ -144,33 +159,36 @@ def _mac_reads(q, k, v, theta, eta, alpha, doc_pos, op_seg, valid, reset, state,
     idx = jnp.arange(t, dtype=jnp.int32)[None]  # [1, N*C]
     seg_start = idx - doc_pos % c  # row index of the token's segment start
     chunk_start = idx // c * c
-    group = jnp.where(doc_pos < c, _FIRST, jnp.where(seg_start < chunk_start, _KEEP, _MID))
-    group = jnp.where(valid, group, _KEEP)
+    # [B, N*C] int32 `Read` label of every token
+    read = jnp.where(doc_pos < c, Read.FIRST,
+                     jnp.where(seg_start < chunk_start, Read.SNAPSHOT, Read.MID))
+    read = jnp.where(valid, read, Read.SNAPSHOT).astype(jnp.int32)
     off = (idx - chunk_start).reshape(1, n, c)
     # The one segment start inside each chunk (offset e): M_mid is the state after the tokens
     # before it, the final state of an op call with the tokens from e on masked as padding.
-    e = jnp.max(jnp.where((group == _MID).reshape(b, n, c),
+    e = jnp.max(jnp.where((read == Read.MID).reshape(b, n, c),
                           (seg_start - chunk_start).reshape(b, n, c), 0), axis=-1)  # [B, N]
     seg_c = op_seg.reshape(b, n, c)
     seg_mid = jnp.where(off < e[..., None], seg_c, 0)
     vc = valid.reshape(b, n, c)
     last = jnp.maximum(jnp.max(jnp.where(vc, jnp.arange(c), -1), axis=-1), 0)  # [B, N]
-    code = jnp.take_along_axis(group.reshape(b, n, c), last[..., None], -1)[..., 0]
-    code = jnp.where(vc.any(-1), code, _KEEP)  # an empty chunk keeps the snapshot
+    # [B, N] how each chunk updates the snapshot: the label of its last real token (`Read`)
+    hand_on = jnp.take_along_axis(read.reshape(b, n, c), last[..., None], -1)[..., 0]
+    hand_on = jnp.where(vc.any(-1), hand_on, Read.SNAPSHOT)  # an empty chunk keeps the snapshot
     rst0 = reset.reshape(b, n, c)[..., 0]  # a document starts at the chunk's first token
 
     def chunks(z):  # [B, N*C, ...] -> [N, B, C, ...]
         return jnp.moveaxis(z.reshape((b, n, c) + z.shape[2:]), 1, 0)
 
     xs = (tuple(chunks(z) for z in (q, k, v, theta, eta, alpha)),
-          jnp.moveaxis(jnp.concatenate([seg_mid, seg_c], axis=0), 1, 0), chunks(group),
-          code.T, rst0.T)
+          jnp.moveaxis(jnp.concatenate([seg_mid, seg_c], axis=0), 1, 0), chunks(read),
+          hand_on.T, rst0.T)
     fresh = init_state(mem0, b)
     twice = lambda z: jnp.concatenate([z, z], axis=0)  # rows [masked at e | whole chunk]
 
     def body(carry, x):
         st, snap = carry
-        inputs, seg2, grp, cd, rst = x
+        inputs, seg2, read_c, hand, rst = x
         st = jax.tree.map(lambda f, s: _where_rows(rst, f, s), fresh, st)
         # One op call for both: the masked chunk (-> M_mid) and the whole chunk (-> next state).
         _, st2 = titans(*(twice(z) for z in inputs), mem0, block_size=block_size,
@@ -179,26 +197,26 @@ def _mac_reads(q, k, v, theta, eta, alpha, doc_pos, op_seg, valid, reset, state,
         m_mid = {name: w[:b] for name, w in st2["memory"].items()}
         st_end = jax.tree.map(lambda z: z[b:], st2)
         qc = inputs[0]
-        r = jnp.where((grp == _MID)[..., None, None], memory_read(m_mid, qc, activation),
+        r = jnp.where((read_c == Read.MID)[..., None, None], memory_read(m_mid, qc, activation),
                       memory_read(snap, qc, activation))  # [B, C, H, D]
-        new_snap = {name: _where_rows(cd == _MID, m_mid[name], _where_rows(
-            cd == _FIRST, jnp.broadcast_to(w, snap[name].shape), snap[name]))
+        new_snap = {name: _where_rows(hand == Read.MID, m_mid[name], _where_rows(
+            hand == Read.FIRST, jnp.broadcast_to(w, snap[name].shape), snap[name]))
             for name, w in mem0.items()}
         return (st_end, new_snap), r
 
     (state, snapshot), r = jax.lax.scan(body, (state, snapshot), xs)
     r = jnp.moveaxis(r, 0, 1).reshape((b, t) + r.shape[3:])  # [B, N*C, H, D]
-    r = jnp.where((group == _FIRST)[..., None, None], memory_read(mem0, q, activation), r)
+    r = jnp.where((read == Read.FIRST)[..., None, None], memory_read(mem0, q, activation), r)
     return r, state, snapshot
 
 
 class _TitansAttentionBase(nnx.Module):
     """Shared construction: memory core, sink attention, output gate and projection."""
 
-    def __init__(self, d_model, *, num_heads, head_dim, n_persistent, rope_theta, impl, dtype,
-                 rngs, **memory_options):
-        self.memory = NeuralMemory(d_model, num_heads=num_heads, head_dim=head_dim, impl=impl,
-                                   dtype=dtype, rngs=rngs, **memory_options)
+    def __init__(self, d_model, *, num_heads, head_dim, n_persistent, rope_theta, memory, impl,
+                 dtype, rngs):
+        self.memory = NeuralMemory(d_model, num_heads=num_heads, head_dim=head_dim, memory=memory,
+                                   impl=impl, dtype=dtype, rngs=rngs)
         self.h, self.d, self.dtype = num_heads, self.memory.d, dtype
         hd = num_heads * self.d
         self.attn = SinkAttention(d_model, num_heads=num_heads, head_dim=self.d,
@@ -217,13 +235,14 @@ class TitansMAG(_TitansAttentionBase):
 
     def __init__(self, d_model: int, *, num_heads: int, window: int, head_dim: int | None = None,
                  n_persistent: int = 4, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs, **memory_options):
-        """``memory_options``: the memory core's settings (`layers.titans.NeuralMemory`)."""
+                 memory: MemoryOptions = MemoryOptions(), impl: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        """``memory``: the memory core's settings (`layers.titans.MemoryOptions`)."""
         if window < 1:
             raise ValueError(f"TitansMAG: window must be a positive int, got {window}")
         super().__init__(d_model, num_heads=num_heads, head_dim=head_dim,
-                         n_persistent=n_persistent, rope_theta=rope_theta, impl=impl, dtype=dtype,
-                         rngs=rngs, **memory_options)
+                         n_persistent=n_persistent, rope_theta=rope_theta, memory=memory,
+                         impl=impl, dtype=dtype, rngs=rngs)
         self.window = window
         hd = num_heads * self.d
         self.mix_proj = Linear(d_model, hd, axes=("embed", "heads"), use_bias=True,
@@ -240,7 +259,7 @@ class TitansMAG(_TitansAttentionBase):
 
     def cache_bytes(self, context_len: int, dtype=jnp.bfloat16) -> int:
         """One row, as `init_cache` holds it: the memory state 12·H·P + 4 and conv inputs
-        (conv_size − 1)·3·H·D·itemsize (as `Titans`), the ring of S = min(context_len, w) slots
+        (conv_size − 1)·3·H·D·itemsize of the q, k, v convs (as `Titans`), the ring of S = min(context_len, w) slots
         2·S·H·D·itemsize(dtype) + 4·S (slot_pos), + 4 (length). Saturates at S = w."""
         slots = min(self.window, context_len)
         return (self.memory.state_bytes() + self.memory.conv.cache_bytes(dtype)
@@ -296,14 +315,14 @@ class TitansMAC(_TitansAttentionBase):
 
     def __init__(self, d_model: int, *, num_heads: int, segment_len: int,
                  head_dim: int | None = None, n_persistent: int = 4, rope_theta: float = 10000.0,
-                 norm_eps: float = 1e-5, impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs,
-                 **memory_options):
-        """``memory_options``: the memory core's settings (`layers.titans.NeuralMemory`)."""
+                 norm_eps: float = 1e-5, memory: MemoryOptions = MemoryOptions(),
+                 impl: str = "auto", dtype=jnp.float32, rngs: nnx.Rngs):
+        """``memory``: the memory core's settings (`layers.titans.MemoryOptions`)."""
         if segment_len < 1:
             raise ValueError(f"TitansMAC: segment_len must be a positive int, got {segment_len}")
         super().__init__(d_model, num_heads=num_heads, head_dim=head_dim,
-                         n_persistent=n_persistent, rope_theta=rope_theta, impl=impl, dtype=dtype,
-                         rngs=rngs, **memory_options)
+                         n_persistent=n_persistent, rope_theta=rope_theta, memory=memory,
+                         impl=impl, dtype=dtype, rngs=rngs)
         self.segment_len = segment_len
         hd = num_heads * self.d
         self.read_norm = RMSNorm(self.d, eps=norm_eps, dtype=dtype)
