@@ -7,8 +7,8 @@ HV % H == 0 and value head j reads q/k head j // (HV / H); state [B, HV, K, V] f
 (key-major, DESIGN.md §2).
 
 Implementations (``impl``): "reference" (token scan, the specification; it applies segment
-resets and padding itself) and "chunked" (pure JAX, chunkwise parallel, the default everywhere
-until GPU/TPU kernels exist: "auto" falls back to it).
+resets and padding itself) and "chunked" (pure JAX, chunkwise parallel with a hand-written
+backward; what "auto" gives on every backend until GPU/TPU kernels exist).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.common import check_float, check_segment_ids, check_shape, expand_groups
 from pallas_kernels.common.frame import BenchSpec, Op
+from pallas_kernels.gla.chunked import DEFAULT_CHUNK
 from pallas_kernels.gla.reference import gla_step_reference
 
 __all__ = ["OP", "AVAILABLE", "DEFAULT_CHUNK", "gla", "gla_step"]
-
-DEFAULT_CHUNK = 64
 
 
 def _bench_inputs(key, B, T, H, D):
@@ -36,8 +35,8 @@ def _bench_inputs(key, B, T, H, D):
 
 _HERE = "pallas_kernels.gla."
 OP = Op("gla",
-        impls={"reference": _HERE + "reference:gla_reference"},
-        fallback="reference",
+        impls={"reference": _HERE + "reference:gla_reference",
+               "chunked": _HERE + "chunked:gla_chunked"},
         bench=BenchSpec(inputs=_bench_inputs,
                         shapes=({"B": 1, "H": 4, "D": 64}, {"B": 1, "H": 2, "D": 128}),
                         peer={"peer:jla-chunked": "jla.ops.chunked:gla"}))
