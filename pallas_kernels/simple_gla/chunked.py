@@ -240,13 +240,15 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def simple_gla_chunked(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
-                       chunk_size=DEFAULT_CHUNK, block_chunks=DEFAULT_BLOCK_CHUNKS):
+                       chunk_size=DEFAULT_CHUNK, block_chunks=DEFAULT_BLOCK_CHUNKS,
+                       output_final_state=True):
     """Chunkwise-parallel simple GLA (see the module docstring for the math).
 
     Args:
       q, k: [B, T, H, K]; v: [B, T, HV, V]; g: [B, T, HV] log-decays (<= 0);
       initial_state: [B, HV, K, V] or None; segment_ids: [B, T] int or None;
-      chunk_size: C; block_chunks: chunks per scan step (M).
+      chunk_size: C; block_chunks: chunks per scan step (M);
+      output_final_state: accepted for the op frame's contract (the state is carried anyway).
     Returns:
       (o [B, T, HV, V] in v.dtype, final_state [B, HV, K, V] float32).
     """

@@ -44,12 +44,15 @@ def simple_gla_step_reference(q, k, v, g, state, *, scale):
     return o, new_state
 
 
-def simple_gla_reference(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None):
+def simple_gla_reference(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
+                         output_final_state=True):
     """Token-by-token simple GLA.
 
     Args:
       q, k: [B, T, H, K]; v: [B, T, HV, V]; g: [B, T, HV] log-decays (<= 0);
-      initial_state: [B, HV, K, V] or None; segment_ids: [B, T] int or None.
+      initial_state: [B, HV, K, V] or None; segment_ids: [B, T] int or None;
+      output_final_state: accepted for the op frame's contract (the scan carries the state
+        anyway; the public op drops it when not asked for).
     Returns:
       (o [B, T, HV, V] in v.dtype, final_state [B, HV, K, V] float32).
     """

@@ -1,0 +1,126 @@
+"""simple_gla's Pallas kernels behind one custom_vjp, with the layout they need.
+
+The kernels (``gpu.py`` Triton, ``tpu.py`` Mosaic TPU) work on the kernel layout of
+``common.layout``: heads-major ``[B, H, Tp, Dp]``, T zero-padded to a multiple of the chunk with
+k = 0, g = 0 (exact: a padded token leaves the state alone), features zero-padded (exact) to
+``triton_width`` (a power of two >= 16) or ``tpu_width`` (a multiple of 128 lanes); the gate
+arrives as b, the log-decay cumulated inside each chunk (``chunk_cumsum``, in XLA).
+
+``segment_ids`` become three per-token float masks (:func:`segment_masks`): document id, "still
+in the document that entered the chunk" and "in the chunk's last document", which remove
+exactly the terms that cross a document boundary; padding tokens get q = k = 0, g = 0 before the
+kernel, so they are no-ops with output 0.
+
+The kernels' backward returns dq, dk, dv and ∂L/∂S_0; the gate gradient follows from the
+identity ∂L/∂B_t = q_t·dq_t − k_t·dk_t (+ Σ dF∘S_final at the end), dg_t = Σ_{u ≥ t} ∂L/∂B_u
+(B the cumulative log-decay; derivation in ``chunked.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common
+from pallas_kernels.common import expand_groups, pad_axis
+from pallas_kernels.common.layout import (chunk_cumsum, from_kernel_layout, to_kernel_layout,
+                                          tpu_width, triton_width)
+from pallas_kernels.simple_gla import gpu as _gpu
+from pallas_kernels.simple_gla import tpu as _tpu
+
+__all__ = ["simple_gla_triton", "simple_gla_tpu", "segment_masks"]
+
+# impl: (forward, backward, chunk, feature width rule)
+_BACKENDS = {
+    "triton": (_gpu.simple_gla_fwd_triton, _gpu.simple_gla_bwd_triton, _gpu.DEFAULT_CHUNK,
+               triton_width),
+    "mosaic_tpu": (_tpu.simple_gla_fwd_tpu, _tpu.simple_gla_bwd_tpu, _tpu.DEFAULT_CHUNK,
+                   tpu_width),
+}
+
+
+def segment_masks(reset, chunk):
+    """reset [B, Tp] bool -> (doc, carry, tail), each [B, Tp] float32 (see the module doc)."""
+    bsz, t = reset.shape
+    doc = jnp.cumsum(reset.astype(jnp.int32), axis=1).reshape(bsz, t // chunk, chunk)
+    entering = doc[..., :1] - reset.reshape(doc.shape)[..., :1].astype(jnp.int32)
+    carry = doc == entering                                            # [B, N, C]
+    tail = doc == doc[..., -1:]                                        # [B, N, C]
+    return tuple(x.reshape(bsz, t).astype(jnp.float32) for x in (doc, carry, tail))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _kernel_core(q, k, v, g, s0, seg, impl, scale, interpret):
+    (o, s_final), _ = _kernel_fwd(q, k, v, g, s0, seg, impl, scale, interpret)
+    return o, s_final
+
+
+def _kernel_fwd(q, k, v, g, s0, seg, impl, scale, interpret):
+    fwd, _, chunk, _ = _BACKENDS[impl]
+    b = chunk_cumsum(g, chunk)                                         # [B, HV, Tp]
+    o, s_final = fwd(q, k, v, b, seg, s0, scale=scale, chunk=chunk, interpret=interpret)
+    return (o, s_final), (q, k, v, b, s0, seg, s_final)
+
+
+def _kernel_bwd(impl, scale, interpret, res, cts):
+    q, k, v, b, s0, seg, s_final = res
+    do, dfinal = cts
+    _, bwd, chunk, _ = _BACKENDS[impl]
+    dq, dk, dv, ds0 = bwd(q, k, v, b, seg, s0, do.astype(v.dtype), dfinal.astype(jnp.float32),
+                          scale=scale, chunk=chunk, interpret=interpret)
+    bsz, h, t, kd = q.shape
+    hv = v.shape[1]
+    f32 = jnp.float32
+    db = jnp.sum(expand_groups(q, hv, axis=1).astype(f32) * dq
+                 - expand_groups(k, hv, axis=1).astype(f32) * dk, axis=-1)   # [B, HV, Tp]
+    dg = jnp.cumsum(db[..., ::-1], axis=-1)[..., ::-1]
+    dg = dg + jnp.sum(dfinal * s_final, axis=(-2, -1))[..., None]
+    dq = dq.reshape(bsz, h, hv // h, t, kd).sum(2)                     # sum over each group
+    dk = dk.reshape(bsz, h, hv // h, t, kd).sum(2)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0,
+            jax.tree_util.tree_map(lambda _: None, seg))
+
+
+_kernel_core.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def _run(impl, q, k, v, g, *, scale, initial_state, segment_ids, interpret):
+    """Public layout -> kernel layout -> public layout (see the module docstring)."""
+    _, _, chunk, width = _BACKENDS[impl]
+    bsz, t, h, kd = q.shape
+    hv, vd = v.shape[2], v.shape[3]
+    g = g.astype(jnp.float32)
+    seg = None
+    if segment_ids is not None:
+        valid, reset = common.segment_masks(segment_ids)               # [B, T] each
+        q = jnp.where(valid[:, :, None, None], q, 0)
+        k = jnp.where(valid[:, :, None, None], k, 0)
+        g = jnp.where(valid[:, :, None], g, 0.0)
+        seg = segment_masks(pad_axis(reset, 1, chunk, False), chunk)
+    kp, vp = width(kd), width(vd)
+    s0 = jnp.zeros((bsz, hv, kd, vd), jnp.float32) if initial_state is None else initial_state
+    s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, kp - kd), (0, vp - vd)))
+    o, s_final = _kernel_core(to_kernel_layout(q, chunk, kp), to_kernel_layout(k, chunk, kp),
+                              to_kernel_layout(v, chunk, vp), to_kernel_layout(g, chunk), s0,
+                              seg, impl, scale, interpret)
+    return from_kernel_layout(o, t, vd).astype(v.dtype), s_final[:, :, :kd, :vd]
+
+
+def simple_gla_triton(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
+                      output_final_state=False, interpret=False):
+    """simple_gla through the Triton kernels (the frame's implementation contract)."""
+    return _run("triton", q, k, v, g, scale=_scale(q, scale), initial_state=initial_state,
+                segment_ids=segment_ids, interpret=interpret)
+
+
+def simple_gla_tpu(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
+                   output_final_state=False, interpret=False):
+    """simple_gla through the Mosaic TPU kernels (the frame's implementation contract)."""
+    return _run("mosaic_tpu", q, k, v, g, scale=_scale(q, scale), initial_state=initial_state,
+                segment_ids=segment_ids, interpret=interpret)
+
+
+def _scale(q, scale):
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
