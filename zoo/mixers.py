@@ -154,3 +154,6 @@ _register("hgrn2", "layers.hgrn2:HGRN2",
           doc="HGRN-2: gated linear RNN with state expansion, forget-gate lower bound by depth")
 _register("kda", "layers.kda:KDA",
           doc="KDA (Kimi Linear): delta rule with per-channel decay, short convs, sigmoid-gated norm")
+_register("hgrn", "layers.hgrn:HGRN",
+          fixed=lambda cfg, layer_idx: dict(layer_idx=layer_idx, n_layers=cfg.n_layers),
+          doc="HGRN: elementwise gated linear recurrence with a forget-gate lower bound by depth")
