@@ -11,17 +11,44 @@ order (kv_positions = −1 marks an empty slot). See `reference.py` for the math
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention.reference import attention_mask, attention_reference
 from pallas_kernels.attention.xla import attention_xla
-from pallas_kernels.common import check_float, check_segment_ids, check_shape, resolve_impl
+from pallas_kernels.common import check_float, check_segment_ids, check_shape
+from pallas_kernels.common.frame import BenchSpec, Op
 
-__all__ = ["attention", "attention_mask"]
-
-_OP = "attention"
+__all__ = ["OP", "attention", "attention_mask"]
 
 
+# The op frame's contract: fn(q, k, v, *, initial_state, segment_ids, output_final_state,
+# **static) -> (o, None); attention has no recurrent state, its mask is built in `attention`.
+def _reference(q, k, v, *, initial_state=None, segment_ids=None, output_final_state=False,
+               mask, scale, plain_causal, window):
+    return attention_reference(q, k, v, mask, scale), None
+
+
+def _xla(q, k, v, *, initial_state=None, segment_ids=None, output_final_state=False,
+         mask, scale, plain_causal, window):
+    return attention_xla(q, k, v, mask, scale, plain_causal=plain_causal, window=window), None
+
+
+def _bench_inputs(key, B, T, H, D):
+    """q, k, v [B, T, H, D] standard normal (no grouping, no window)."""
+    ks = jax.random.split(key, 3)
+    return tuple(jax.random.normal(kk, (B, T, H, D)) for kk in ks)
+
+
+OP = Op("attention",
+        impls={"reference": "pallas_kernels.attention.ops:_reference",
+               "xla": "pallas_kernels.attention.ops:_xla"},
+        fallback="xla",
+        bench=BenchSpec(inputs=_bench_inputs, lengths=(1024, 4096), impls=("xla", "reference")))
+_OP = OP.name
+
+
+@OP.entry
 def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_positions=None,
               kv_positions=None, window: int | None = None, kv_sinks: int = 0, impl: str = "auto"):
     """Causal grouped-query softmax attention. q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv].
@@ -41,7 +68,7 @@ def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_p
     if window is not None and window < 1:
         raise ValueError(f"{_OP}: window must be a positive int or None, got {window}")
     scale = d ** -0.5 if scale is None else scale
-    impl = resolve_impl(_OP, impl, ("reference", "xla"), fallback="xla")
+    OP.resolve(impl)
 
     plain = segment_ids is None and q_positions is None and kv_positions is None and not kv_sinks
     if q_positions is None:
@@ -62,6 +89,5 @@ def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_p
     check_segment_ids(_OP, kv_segment_ids, b, tk)
 
     mask = attention_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, window, kv_sinks)
-    if impl == "reference":
-        return attention_reference(q, k, v, mask, scale)
-    return attention_xla(q, k, v, mask, scale, plain_causal=plain, window=window)
+    o, _ = OP.run(impl, (q, k, v), mask=mask, scale=scale, plain_causal=plain, window=window)
+    return o

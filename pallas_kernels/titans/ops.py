@@ -33,19 +33,78 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import (check_float, check_range, check_segment_ids, check_shape,
-                                   resolve_impl, segment_masks, shard_over_batch)
+                                   resolve_impl, segment_masks)
+from pallas_kernels.common.frame import BenchSpec, Op
 from pallas_kernels.titans import gpu as _gpu
 from pallas_kernels.titans import tpu as _tpu
 from pallas_kernels.titans.chunked import titans_chunked
 from pallas_kernels.titans.reference import (TitansState, get_activation, titans_reference,
                                               token_step)
 
-__all__ = ["titans", "titans_step", "init_state", "memory_names"]
+__all__ = ["OP", "titans", "titans_step", "init_state", "memory_names"]
 
-_OP = "titans"
 _STATE_KEYS = ("memory", "momentum", "block_start", "pos")
 # The linear-memory Pallas kernels and the gradient-block sizes their tiles allow.
 _KERNELS = {"triton": _gpu, "mosaic_tpu": _tpu}
+
+
+# ------------------------------------------------------------------ the op frame's contract
+# Every entry: fn(q, k, v, theta, eta, alpha, *, initial_state, segment_ids, output_final_state,
+# **static) -> (y, TitansState). ``initial_state`` is the checked, batched TitansState; the
+# kernels (run per batch shard) take only (memory, momentum) of a linear memory.
+def _scan_form(fn):
+    def run(q, k, v, theta, eta, alpha, *, initial_state, segment_ids=None,
+            output_final_state=True, memory0, block_size, act):
+        valid = reset = None
+        if segment_ids is not None:
+            valid, reset = segment_masks(segment_ids)
+        return fn(q, k, v, theta, eta, alpha, memory0, initial_state, valid, reset,
+                  block_size=block_size, act=act)
+    return run
+
+
+_reference = _scan_form(titans_reference)
+_chunked = _scan_form(titans_chunked)
+
+
+def _kernel_form(kernel):
+    def run(q, k, v, theta, eta, alpha, *, initial_state, segment_ids=None,
+            output_final_state=True, block_size, interpret=False):
+        m, s = initial_state                                           # [B, H, Dk, Dv] each
+        y, st = kernel(q, k, v, theta, eta, alpha, TitansState((m,), (s,), (m,), None),
+                       block_size=block_size, interpret=interpret)
+        return y, TitansState(st.memory, st.momentum, st.block_start, st.pos)
+    return run
+
+
+_triton = _kernel_form(_gpu.titans_linear_triton)
+_tpu_kernel = _kernel_form(_tpu.titans_linear_tpu)
+
+
+def _bench_inputs(key, B, T, H, D, memory="linear"):
+    """q, k [B, T, H, D] / sqrt(D); v; θ = 0.05·σ(x), η = σ(x + 2), α = 0.05·σ(x) [B, T, H];
+    memory0 linear ({"w": [H, D, D]}) or a 2-layer MLP ({"w0", "w1"})."""
+    ks = jax.random.split(key, 8)
+    q = jax.random.normal(ks[0], (B, T, H, D)) / D ** 0.5
+    k = jax.random.normal(ks[1], (B, T, H, D)) / D ** 0.5
+    v = jax.random.normal(ks[2], (B, T, H, D))
+    theta = 0.05 * jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
+    eta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)) + 2.0)
+    alpha = 0.05 * jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H)))
+    w = lambda kk: jax.random.normal(kk, (H, D, D)) / D ** 0.5
+    mem0 = {"w": w(ks[6])} if memory == "linear" else {"w0": w(ks[6]), "w1": w(ks[7])}
+    return q, k, v, theta, eta, alpha, mem0
+
+
+_HERE = "pallas_kernels.titans.ops:"
+OP = Op("titans",
+        impls={"reference": _HERE + "_reference", "chunked": _HERE + "_chunked",
+               "triton": _HERE + "_triton", "mosaic_tpu": _HERE + "_tpu_kernel"},
+        bench=BenchSpec(inputs=_bench_inputs, lengths=(1024, 4096),
+                        shapes=({"B": 1, "H": 4, "D": 64, "memory": "linear"},
+                                {"B": 1, "H": 4, "D": 64, "memory": "mlp2"}),
+                        kwargs={"block_size": 16}))
+_OP = OP.name
 
 
 def memory_names(memory: dict) -> tuple[str, ...]:
@@ -140,6 +199,7 @@ def _check_block_size(block_size) -> int:
     return int(block_size)
 
 
+@OP.entry
 def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=None,
            initial_state=None, output_final_state: bool = False, segment_ids=None,
            impl: str = "auto", activation: str = "silu", debug_checks: bool = False,
@@ -204,24 +264,13 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
                                           False), bsz)
         state0 = TitansState(mem, mom, mem, None)  # pos None: statically 0
 
-    if impl in _KERNELS:
-        kernel = _gpu.titans_linear_triton if impl == "triton" else _tpu.titans_linear_tpu
-
-        def run(q, k, v, theta, eta, alpha, m, s):
-            y, st = kernel(q, k, v, theta, eta, alpha, TitansState((m,), (s,), (m,), None),
-                           block_size=block_size, interpret=interpret)
-            return y, st.memory[0], st.momentum[0], st.block_start[0], st.pos
-
-        y, *parts = shard_over_batch(run, q, k, v, theta, eta, alpha, state0.memory[0],
-                                     state0.momentum[0])
-        final = TitansState((parts[0],), (parts[1],), (parts[2],), parts[3])
+    arrays = (q, k, v, theta, eta, alpha)
+    if impl in _KERNELS:                              # per batch shard: batch-leading state only
+        y, final = OP.run(impl, arrays, initial_state=(state0.memory[0], state0.momentum[0]),
+                          output_final_state=True, interpret=interpret, block_size=block_size)
     else:
-        valid = reset = None
-        if segment_ids is not None:
-            valid, reset = segment_masks(segment_ids)
-        fn = titans_reference if impl == "reference" else titans_chunked
-        y, final = fn(q, k, v, theta, eta, alpha, mem0, state0, valid, reset,
-                      block_size=block_size, act=act)
+        y, final = OP.run(impl, arrays, initial_state=state0, segment_ids=segment_ids,
+                          output_final_state=True, memory0=mem0, block_size=block_size, act=act)
     y = y.astype(q.dtype)
     if not output_final_state:
         return y, None
