@@ -70,4 +70,4 @@ def test_gdn_and_mamba_gates_and_no_decay_tags():
     assert decay["A_log"] is False and decay["dt_bias"] is False and decay["q_proj"]["w"] is True
     mamba = Mamba2(16, num_heads=2, d_state=8, rngs=nnx.Rngs(0))
     decay = no_decay_mask(nnx.state(mamba, nnx.Param))
-    assert not (decay["A_log"] or decay["dt_bias"] or decay["D"]) and decay["in_proj"]["w"]
+    assert not (decay["A_log"] or decay["dt_bias"] or decay["D"]) and decay["x_proj"]["w"] and decay["B_proj"]["w"]
