@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
-# A script with a command line has a __main__ guard; bench_<op>.py are case modules without one.
+# A script with a command line has a __main__ guard.
 CLI_SCRIPTS = sorted(name for name in os.listdir(SCRIPTS) if name.endswith(".py")
                      and 'if __name__ == "__main__":' in open(os.path.join(SCRIPTS, name)).read())
 
@@ -101,16 +101,26 @@ def _load(name: str):
     return module
 
 
-def test_bench_kernels_names_match_the_case_modules(monkeypatch):
-    """bench_kernels.py validates --impls and documents --T without importing the case modules
-    (which import jax); its names must cover what the case modules produce."""
+def test_bench_kernels_cases_come_from_the_registry(monkeypatch):
+    """bench_kernels.py takes its ops, implementation names and lengths from the op registry
+    (each op's BenchSpec): every op with a BenchSpec is offered, every implementation and peer
+    name is accepted, the help states each op's lengths, and a case builds (traced, not run)
+    for each implementation available on CPU."""
+    from pallas_kernels.common.frame import registered_ops
+
     monkeypatch.setattr(sys, "path", list(sys.path))  # bench_kernels.py prepends to sys.path
     bench = _load("bench_kernels")
-    simple_gla, gated_delta, titans = (_load(bench.OPS[op])
-                                       for op in ("simple_gla", "gated_delta_rule", "titans"))
-    produced = (set(simple_gla._implementations(1)) | set(gated_delta._impls())
-                | set(titans.IMPLS) | set(titans._KERNEL_BY_BACKEND.values()) | {"triton"})
-    assert produced <= set(bench.IMPLS)
+    ops = {name: op for name, op in registered_ops().items() if op.bench is not None}
+    assert {"simple_gla", "gated_delta_rule", "titans"} <= set(bench._benched_ops()) == set(ops)
+    names = set(bench._impl_names(ops))
+    for op in ops.values():
+        assert set(op.bench.impls) | set(op.bench.peer) <= names
     help_text = " ".join(bench.build_parser().format_help().split())
-    for module in (simple_gla, gated_delta, titans):
-        assert ", ".join(map(str, module.LENGTHS)) in help_text
+    for name, op in ops.items():
+        assert f"{name} {', '.join(map(str, op.bench.lengths))}" in help_text
+    cases = bench._load_cases(ops["titans"], {1024}, {"chunked", "reference", "mosaic_tpu"},
+                              "cpu")
+    assert sorted((c["impl"], c["memory"]) for c in cases) == [
+        ("chunked", "linear"), ("chunked", "mlp2"), ("reference", "linear"),
+        ("reference", "mlp2")]                         # no TPU kernel on the CPU backend
+    assert all(c["T"] == 1024 and (c["B"], c["H"], c["D"]) == (1, 4, 64) for c in cases)

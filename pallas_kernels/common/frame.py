@@ -42,11 +42,13 @@ def _load(path: str) -> Callable:
 class BenchSpec:
     """How ``scripts/bench_kernels.py`` times an op.
 
-    ``inputs(key, B, T, H, D)`` returns the op's positional arrays (float32, a realistic gate
-    distribution) for every length and each of ``shapes``; ``kwargs`` are passed to every call. ``peer`` names other projects'
-    implementations ({label: "module:function"}) taking the same positional arrays and returning
-    ``o`` first; a peer whose module is missing is skipped. ``reference_max_t`` bounds the
-    token-scan reference (it is slow).
+    ``inputs(key, B, T, H, D, **extra)`` returns the op's positional arrays (float32, a
+    realistic gate distribution) for every length and each of ``shapes``; a shape's keys beyond
+    B, H, D (Titans' ``memory``) are passed to ``inputs`` as keywords and reported as columns.
+    ``kwargs`` are passed to every call. ``impls`` are the implementations timed (kernels only on
+    their backend). ``peer`` names other projects' implementations ({label: "module:function"})
+    taking the same positional arrays and returning ``o`` first; a peer whose module is missing
+    is skipped. ``reference_max_t`` bounds the token-scan reference (it is slow).
     """
     inputs: Callable[..., tuple]
     lengths: tuple[int, ...] = (1024, 4096, 16384)
