@@ -2,8 +2,8 @@
 
     z, x', B, C, dt = x W_z, x W_x, x W_B, x W_C, x W_dt        # one projection per stream
     x', B, C = SiLU(conv4_x(x')), SiLU(conv4_B(B)), SiLU(conv4_C(C))   # one short conv each
-    y = ssd(x, dt, A = −exp(A_log), B, C, D, dt_bias)      # h_t = exp(dt'A) h + dt' x Bᵀ ; y = hC + Dx
-    out = RMSNorm(y ⊙ SiLU(z)) W_out                         # gated norm, per group
+    y = ssd(x', dt, A = −exp(A_log), B, C, D, dt_bias)   # h_t = exp(dt'A) h + dt' x' Bᵀ; y = hC + Dx'
+    out = RMSNorm(y ⊙ SiLU(z)) W_out                       # gated norm, per group
 
 x [B, T, H, P] (d_inner = expand·d_model = H·P), B/C [B, T, G, N] shared by H/G heads each.
 mamba_ssm fuses the five projections into one `in_proj` and the three convolutions into one over

@@ -178,7 +178,8 @@ class NeuralMemory(nnx.Module):
         self.q_proj, self.k_proj, self.v_proj = lin(), lin(), lin()
         self.conv = StreamConvs({"q": hd, "k": hd, "v": hd}, memory.conv_size, activation=True,
                                 dtype=dtype, rngs=rngs)
-        # θ, η, α: one fused projection d_model -> [3, H], biases set the initial operating point.
+        # θ, η, α: one projection d_model -> [3, H] (split on its own axis of 3, heads whole: the
+        # layer contract allows it); the biases set the initial operating point.
         gate_init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal",
                                                       in_axis=0, out_axis=(1, 2))
         self.gate_w = make_param(rngs, gate_init, (d_model, 3, num_heads), ("embed", None, "heads"),
