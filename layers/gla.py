@@ -72,7 +72,8 @@ class GLA(nnx.Module):
         """g = logsigmoid(x W_1 W_2 + b) / gate_logit_normalizer: [B, T, H, K] float32, < 0."""
         b, t, _ = x.shape
         z = self.gk_up(self.gk_down(x)).astype(jnp.float32)
-        return (jax.nn.log_sigmoid(z) / self.gate_logit_normalizer).reshape(b, t, self.h, self.k_dim)
+        g = jax.nn.log_sigmoid(z) / self.gate_logit_normalizer
+        return g.reshape(b, t, self.h, self.k_dim)
 
     def __call__(self, x, *, segment_ids=None, positions=None, cache=None):
         """x [B, T, d_model] -> (y [B, T, d_model], cache)."""

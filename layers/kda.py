@@ -4,7 +4,8 @@
     q, k = q / ‖q‖, k / ‖k‖                              # per head (use_qk_l2norm)
     g = −exp(A_log_j) · softplus(x W_f1 W_f2 + dt_bias)   # [B, T, HV, K] per-channel log decay
     β = sigmoid(x W_β)                                   # [B, T, HV]
-    S'_t = Diag(exp(g_t)) S_{t−1};  S_t = S'_t + k_t (β_t (v_t − S'_tᵀ k_t))ᵀ;  o_t = K^−1/2 S_tᵀ q_t
+    S'_t = Diag(exp(g_t)) S_{t−1};  S_t = S'_t + k_t (β_t (v_t − S'_tᵀ k_t))ᵀ
+    o_t = K^−1/2 S_tᵀ q_t
     y = (RMSNorm_head(o) ⊙ sigmoid(x W_r1 W_r2 + b_r)) W_o      # gated RMSNorm, sigmoid gate
 
 The decay and the output gate come from low-rank projections d -> V -> HV·K (no bias) and

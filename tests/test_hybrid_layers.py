@@ -111,7 +111,8 @@ def test_retnet_equals_quadratic_retention():
 # ----------------------------------------------------------------------------------------------
 def _delta_rule(q, k, v, beta, g=None):
     """Token loop: S' = Diag(exp g) S; S = S' + k (β (v − S'ᵀ k))ᵀ; o = K^−1/2 Sᵀ q. Shapes
-    q, k [B, T, HV, K] (already per value head), v [B, T, HV, V], β [B, T, HV], g [.., K] or None."""
+    q, k [B, T, HV, K] (already per value head), v [B, T, HV, V], β [B, T, HV], g [B, T, HV, K]
+    or None."""
     b, t, h, kd = q.shape
     s = np.zeros((b, h, kd, v.shape[-1]))
     out = np.zeros(v.shape)
@@ -187,7 +188,7 @@ def test_hgrn2_lower_bounds_by_depth():
 
 @pytest.mark.parametrize("layer_idx", [0, 2])
 def test_hgrn2_gates_and_output(layer_idx):
-    """f = lb + (1 − lb)σ(z) ∈ (lb, 1), g = log f, k = 1 − f; o through Diag(f) with scale E^−1/2."""
+    """f = lb + (1 − lb)σ(z) ∈ (lb, 1), g = log f, k = 1 − f; o through Diag(f), scale E^−1/2."""
     layer = HGRN2(D, num_heads=H, layer_idx=layer_idx, n_layers=3, expand_ratio=4,
                   impl=IMPL, rngs=nnx.Rngs(0))
     n, e = D // 4, 4
