@@ -16,8 +16,9 @@ Class attributes (the API): ``op``, ``step`` (None: no step test), ``make_inputs
 ``interpret=True``), ``impl_kwargs`` ({impl: {kw: value}}), ``cases`` ({dtype name: shape}),
 ``state_shape(B, H, HV, K, V)`` (the float32 state), ``lower_impls`` (Pallas impls lowered for
 TPU and CUDA from CPU). Extensions: ``plain_impls`` (impls that take neither segment_ids nor an
-initial state: compared without them) and ``kernel_names`` ({impl: names that must appear in
-the lowered forward + backward}).
+initial state: compared without them), ``kernel_names`` ({impl: names that must appear in
+the lowered forward + backward}) and ``compiler_options`` (passed to every ``jax.jit`` of the
+suite).
 
 Tests, per subclass:
   * ``test_matches_reference[impl-dtype]``: output, final state, and the VJP of every float
@@ -89,6 +90,7 @@ class OpSuite:
     lower_impls: tuple = ()
     plain_impls: tuple = ()
     kernel_names: dict = {}
+    compiler_options: dict = {}      # for every jit of the suite (e.g. a fast-compile level)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -129,8 +131,9 @@ class OpSuite:
         """A random float32 initial state of ``state_shape`` (``arrays``: the op's inputs)."""
         return 0.5 * jax.random.normal(key, shape, F32)
 
-    def make_segments(self, B, T):
-        """Row 0: three documents (resets inside a chunk) + trailing padding; row 1: two."""
+    def make_segments(self, B, T, dtype="float32"):
+        """Row 0: three documents (resets inside a chunk) + trailing padding; row 1: two.
+        None for a dtype: that case runs the op's segment-free path."""
         a, b, pad = max(1, 3 * T // 10), max(1, 4 * T // 10), max(1, T // 8)
         rows = [[1] * a + [2] * b + [3] * (T - a - b - pad) + [0] * pad,
                 [4] * (T // 2) + [5] * (T - T // 2)]
@@ -165,6 +168,9 @@ class OpSuite:
         return tuple(type(self).make_inputs(jax.random.PRNGKey(seed), dtype=jnp.dtype(dtype),
                                             **shape))
 
+    def jit(self, fn):
+        return jax.jit(fn, compiler_options=self.compiler_options or None)
+
     def kw(self, impl, dtype="float32"):
         kernel = {"interpret": True} if impl in KERNEL_IMPLS else {}
         return {**self.case_kwargs(dtype), **kernel, **self.impl_kwargs.get(impl, {})}
@@ -177,7 +183,7 @@ class OpSuite:
         s0 = None if plain else self.make_state(
             jax.random.PRNGKey(2), type(self).state_shape(
                 *(shape[k] for k in ("B", "H", "HV", "K", "V"))), arrays)
-        seg = None if plain else self.make_segments(shape["B"], shape["T"])
+        seg = None if plain else self.make_segments(shape["B"], shape["T"], dtype)
         return arrays, s0, seg
 
     def vjp(self, impl, dtype, arrays, s0, seg):
@@ -197,7 +203,7 @@ class OpSuite:
         cts = jax.tree.map(lambda x: jax.random.normal(next(ks), x.shape).astype(x.dtype),
                            out_shape)
 
-        @jax.jit
+        @self.jit
         def run(fa, fs):
             (o, _), vjp, final = jax.vjp(f, fa, fs, has_aux=True)
             return o, final, vjp(cts)
@@ -233,7 +239,7 @@ class OpSuite:
             *(shape[k] for k in ("B", "H", "HV", "K", "V"))), arrays)
         ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad)])
         kw = self.kw(impl)
-        o, final = jax.jit(lambda a, s, seg: self.call(impl, a, initial_state=s, segment_ids=seg,
+        o, final = self.jit(lambda a, s, seg: self.call(impl, a, initial_state=s, segment_ids=seg,
                                                        **kw))(arrays, s0, jnp.asarray(ids[None],
                                                                                       jnp.int32))
         start = 0
@@ -254,20 +260,19 @@ class OpSuite:
         kw = self.case_kwargs("float32")
         o_ref, s_ref = self.call("reference", arrays, initial_state=state, **kw)
         per_token = [_per_token(x, shape["B"], shape["T"]) for x in arrays]
-        step = jax.jit(lambda xs, st: self.call_step(xs, st, **kw))
+        step = self.jit(lambda xs, st: self.call_step(xs, st, **kw))
         for t in range(shape["T"]):
             o_t, state = step(tuple(x[:, t] if p else x for x, p in zip(arrays, per_token)), state)
             assert_close(o_t, o_ref[:, t], F32, "out", f"token {t}")
         self.compare_state(state, s_ref, F32, "out", "state")
 
     def test_auto_is_chunked_on_cpu(self):
+        """"auto" traces to the very program of "chunked" (no compile needed)."""
         assert jax.default_backend() == "cpu"
         arrays = self.inputs("float32", seed=8, **{**self.cases["float32"], "T": 20})
-        kw = self.case_kwargs("float32")
-        run = lambda impl: jax.jit(lambda a: self.call(impl, a, **{
-            **kw, **self.impl_kwargs.get("chunked", {})}))(arrays)
-        for a, e in zip(jax.tree.leaves(run("auto")), jax.tree.leaves(run("chunked"))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+        kw = {**self.case_kwargs("float32"), **self.impl_kwargs.get("chunked", {})}
+        trace = lambda impl: str(jax.make_jaxpr(lambda a: self.call(impl, a, **kw))(arrays))
+        assert trace("auto") == trace("chunked") != trace("reference")
 
     def test_lowers(self, impl, segments):
         platform, kind, device_platform, marker = TARGETS[impl]

@@ -1,6 +1,8 @@
-"""simple_gla (+ ssd): every implementation against the token-level reference, decode steps,
-packing, Mamba-2 SSD against its own recurrence, lowering of every Pallas kernel for TPU and
-CUDA from CPU, the TPU kernels' VMEM bound, and argument errors."""
+"""simple_gla (+ ssd): the shared op suite (every implementation against the token-level
+reference with gradients, packing, decode steps, auto, lowering of the Pallas kernels for TPU and
+CUDA from CPU, argument errors) plus simple_gla's own cases: small chunks and blocks, extreme
+gates, the TPU simulator, the TPU kernels' VMEM bound, Mamba-2 SSD against its own recurrence,
+and the remaining argument errors."""
 
 import functools
 
@@ -10,13 +12,12 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import AbstractDevice, AbstractMesh
 
-from pallas_kernels.common import resolve_impl
 from pallas_kernels.simple_gla import simple_gla, simple_gla_step, ssd, ssd_step
 from pallas_kernels.simple_gla import tpu as sg_tpu
 from pallas_kernels.simple_gla.chunked import simple_gla_chunked
 from pallas_kernels.simple_gla.reference import simple_gla_reference
+from tests.op_suite import OpSuite
 from tests.tolerance import assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -44,6 +45,38 @@ def _segments(t=100):
     return jnp.array([row0, row1], jnp.int32)
 
 
+def _suite_inputs(key, *, B, T, H, HV, K, V, dtype):
+    """q, k, v standard normal, g = -softplus(x - 1) (mostly -0.05 to -2), in ``dtype``."""
+    ks = jax.random.split(key, 4)
+    q, k = (jax.random.normal(kk, (B, T, H, K)) for kk in ks[:2])
+    v = jax.random.normal(ks[2], (B, T, HV, V))
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, HV)) - 1.0)
+    return tuple(x.astype(dtype) for x in (q, k, v, g))
+
+
+class TestSimpleGla(OpSuite):
+    """T=100 over chunks of 64, K=24, V=40, grouped heads 2 -> 4, an initial state; segment ids
+    with resets inside a chunk, on the chunk boundary and padding in float32, the segment-free
+    path in bfloat16."""
+    op = staticmethod(simple_gla)
+    step = staticmethod(simple_gla_step)
+    make_inputs = staticmethod(_suite_inputs)
+    impls = ("chunked", "triton", "mosaic_tpu")
+    cases = {"float32": dict(B=2, T=100, H=2, HV=4, K=24, V=40),
+             "bfloat16": dict(B=2, T=100, H=2, HV=4, K=24, V=40)}
+    lower_impls = ("triton", "mosaic_tpu")
+    kernel_names = {i: ("simple_gla_fwd", "simple_gla_dq", "simple_gla_dkdv")
+                    for i in ("triton", "mosaic_tpu")}
+
+    def make_segments(self, B, T, dtype="float32"):
+        if dtype != "float32":
+            return None                                     # bfloat16: the segment-free path
+        return _segments(T) if (B, T) == (2, 100) else super().make_segments(B, T, dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# simple_gla's own cases
+# ------------------------------------------------------------------------------------------
 def _run(fn, args, seed=7):
     """Outputs and the VJP of every input for random cotangents (one jitted program)."""
     out_shapes = jax.eval_shape(fn, *args)
@@ -77,20 +110,6 @@ def _public(impl, segment_ids, **kw):
     return fn
 
 
-# ------------------------------------------------------------------------------------------
-# implementations vs the reference: one combined odd-size case per implementation × dtype
-# (T=100 over chunks of 64, K=24, V=40, grouped heads 2 -> 4, initial state; segment ids with
-# resets and padding in float32, the segment-free path in bfloat16)
-# ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("impl", ["chunked", "triton", "mosaic_tpu"])
-def test_impl_matches_reference(impl, dtype):
-    args = _inputs(dtype=dtype)
-    seg = _segments() if dtype == F32 else None
-    kw = {} if impl == "chunked" else {"interpret": True}
-    _compare(_public(impl, seg, **kw), _public("reference", seg), args, dtype)
-
-
 def test_chunked_many_blocks():
     """Small chunks and blocks: resets and states cross chunk and block boundaries."""
     args = _inputs(t=100)
@@ -120,46 +139,6 @@ def test_tpu_simulator_tiny():
     seg = jnp.array([[1] * 10 + [2] * 10 + [0] * 4], jnp.int32)
     _compare(_public("mosaic_tpu", seg, interpret=pltpu.InterpretParams()),
              _public("reference", seg), args, F32)
-
-
-@pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_packing_equals_separate_sequences(impl):
-    lengths, pad = (37, 50, 20), 13
-    q, k, v, g, s0 = _inputs(b=1, t=sum(lengths) + pad, h=2, hv=2, kd=16, vd=16, seed=3)
-    ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad)])
-    o, s = simple_gla(q, k, v, g, initial_state=s0, output_final_state=True,
-                      segment_ids=jnp.asarray(ids[None], jnp.int32), impl=impl, interpret=True)
-    start = 0
-    for i, n in enumerate(lengths):
-        sl = slice(start, start + n)
-        o_i, s_i = simple_gla(q[:, sl], k[:, sl], v[:, sl], g[:, sl], output_final_state=True,
-                              initial_state=s0 if i == 0 else None, impl=impl, interpret=True)
-        assert_close(o[:, sl], o_i, F32, "out", f"document {i}")
-        start += n
-    assert_close(s, s_i, F32, "out", "final state after the last document")
-    np.testing.assert_array_equal(np.asarray(o[:, start:]), 0.0)
-
-
-def test_step_matches_reference_token_by_token():
-    q, k, v, g, s0 = _inputs(b=2, t=12, h=2, hv=4, kd=24, vd=40)
-    o_ref, s_ref = simple_gla(q, k, v, g, initial_state=s0, output_final_state=True,
-                              impl="reference")
-    step = jax.jit(simple_gla_step)
-    state = s0
-    for t in range(q.shape[1]):
-        o_t, state = step(q[:, t], k[:, t], v[:, t], g[:, t], state)
-        assert_close(o_t, o_ref[:, t], F32, "out", f"token {t}")
-    assert state.dtype == F32
-    assert_close(state, s_ref, F32, "out", "state")
-
-
-def test_auto_is_chunked_on_cpu():
-    assert jax.default_backend() == "cpu"
-    assert resolve_impl("simple_gla", "auto", ("reference", "chunked", "triton")) == "chunked"
-    args = _inputs(b=1, t=20)
-    o_auto, _ = jax.jit(simple_gla)(*args[:4])
-    o_chunked, _ = jax.jit(lambda *a: simple_gla(*a, impl="chunked"))(*args[:4])
-    np.testing.assert_array_equal(np.asarray(o_auto), np.asarray(o_chunked))
 
 
 # ------------------------------------------------------------------------------------------
@@ -244,41 +223,8 @@ def test_ssd_step_matches_recurrence():
 
 
 # ------------------------------------------------------------------------------------------
-# Pallas kernels lower for real hardware from CPU; TPU VMEM bound
+# TPU VMEM bound
 # ------------------------------------------------------------------------------------------
-# Lowering from a CPU host needs a device kind for the target: TPU blocks ask for the chip, and
-# jax >= 0.11 asks the GPU's for the Triton compute capability.
-_TARGET_MESH = {
-    "tpu": AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind="TPU v5 lite", num_cores=1, platform="tpu")),
-    "cuda": AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind="NVIDIA H100", num_cores=1, platform="gpu")),
-}
-
-
-@pytest.mark.parametrize("with_seg", [False, True], ids=["plain", "segments"])
-@pytest.mark.parametrize("impl,platform", [("triton", "cuda"), ("mosaic_tpu", "tpu")])
-def test_kernels_lower(impl, platform, with_seg):
-    shapes = [(1, 128, 2, 64), (1, 128, 2, 64), (1, 128, 4, 64), (1, 128, 4)]
-    args = [jax.ShapeDtypeStruct(s, BF16) for s in shapes]
-    seg = jax.ShapeDtypeStruct((1, 128), jnp.int32) if with_seg else None
-
-    def fwd_bwd(q, k, v, g, segment_ids):
-        def loss(q, k, v, g):
-            o, s = simple_gla(q, k, v, g, impl=impl, output_final_state=True,
-                              segment_ids=segment_ids)
-            return jnp.sum(o.astype(F32) ** 2) + jnp.sum(s)
-        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, g)
-
-    with jax.sharding.use_abstract_mesh(_TARGET_MESH[platform]):
-        traced = jax.jit(fwd_bwd).trace(*args, seg)
-        text = traced.lower(lowering_platforms=(platform,)).as_text()
-    target = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
-    assert text.count(f"@{target}(") == 3                     # forward, dq pass, dk/dv pass
-    for kernel in ("fwd", "dq", "dkdv"):
-        assert f"simple_gla_{kernel}" in text, kernel
-
-
 @pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
 def test_tpu_vmem_per_block(kind):
     """Bound from the block shapes: default chunk, features up to 256, f32 (the worst case)."""

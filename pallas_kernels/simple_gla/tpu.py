@@ -1,9 +1,10 @@
 """simple_gla Pallas TPU (Mosaic) kernels: forward, dq, and dk/dv passes.
 
-Kernel layout (``ops.py`` adapts the public one): q, k ``[B, H, T, K]``; v ``[B, HV, T, V]``;
-b ``[B, HV, T, 1]`` the log-decay cumulated inside each chunk of C tokens (computed outside:
-no cumsum inside kernels); K, V multiples of 128 (lanes), T a multiple of C. The grid is
-(B, HV, T / C) with the chunk axis sequential ("arbitrary"); the state lives in a VMEM scratch
+Kernel layout (``kernels.py`` adapts the public one): q, k ``[B, H, T, K]``; v ``[B, HV, T, V]``;
+b ``[B, HV, T]`` the log-decay cumulated inside each chunk of C tokens (computed outside: no
+cumsum inside kernels); K, V multiples of 128 (lanes), T a multiple of C. On the TPU grid of
+``common.tpu_grid`` these become [BH, NC, C, D] arrays (free reshapes) and the grid is
+(B·HV, T / C), the chunk axis sequential ("arbitrary"); the state lives in a VMEM scratch
 accumulator across it. Value head j reads q/k head j // (HV / H) through the index maps.
 
 Per chunk, with D_ij = exp(b_i − b_j)·[j ≤ i], e_i = exp(b_i), f_j = exp(b_C − b_j), a = exp(b_C):
@@ -21,7 +22,6 @@ the per-token masks (doc, carry, tail) of ``ops.py`` as [B, T, 1] columns, exact
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +29,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import tpu_grid
+from pallas_kernels.common.tpu_grid import chunk_spec, head_spec, sequential_params
+
 __all__ = ["simple_gla_fwd_tpu", "simple_gla_bwd_tpu", "vmem_bytes", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 64
 _F32 = jnp.float32
-_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _dot(a, b, ta=False, tb=False):
@@ -80,9 +82,9 @@ def _unpack(refs, n_extra_in, has_seg):
     return vals, seg, extra, outs, scratch
 
 
-def _fwd_kernel(*refs, c, scale, has_seg):
+def _fwd_kernel(*refs, c, scale, has_seg, n_chunks):
     (q, k, v, b), seg, (s0_ref,), (o_ref, sf_ref), s_scr = _unpack(refs, 1, has_seg)
-    t = pl.program_id(2)
+    t = pl.program_id(1)
 
     @pl.when(t == 0)
     def _init():
@@ -97,15 +99,15 @@ def _fwd_kernel(*refs, c, scale, has_seg):
     s_new = a * s + _dot((k.astype(_F32) * f).astype(k.dtype), v, ta=True)
     s_scr[...] = s_new
 
-    @pl.when(t == pl.num_programs(2) - 1)
-    def _final():
+    @pl.when(t == n_chunks - 1)           # static count (pl.num_programs went stale in jax
+    def _final():                         # 0.11's interpreter across calls with other grids)
         sf_ref[...] = s_new
 
 
-def _dq_kernel(*refs, c, scale, has_seg):
+def _dq_kernel(*refs, c, scale, has_seg, n_chunks):
     (q, k, v, b), seg, (s0_ref, do_ref), (dq_ref,), s_scr = _unpack(refs, 2, has_seg)
 
-    @pl.when(pl.program_id(2) == 0)
+    @pl.when(pl.program_id(1) == 0)
     def _init():
         s_scr[...] = s0_ref[...].astype(_F32)
 
@@ -118,10 +120,10 @@ def _dq_kernel(*refs, c, scale, has_seg):
     s_scr[...] = a * s + _dot((k.astype(_F32) * f).astype(k.dtype), v, ta=True)
 
 
-def _dkdv_kernel(*refs, c, scale, has_seg):
+def _dkdv_kernel(*refs, c, scale, has_seg, n_chunks):
     (q, k, v, b), seg, (dsf_ref, do_ref), (dk_ref, dv_ref, ds0_ref), g_scr = _unpack(
         refs, 2, has_seg)
-    t = pl.program_id(2)
+    t = pl.program_id(1)
 
     @pl.when(t == 0)
     def _init():
@@ -140,27 +142,24 @@ def _dkdv_kernel(*refs, c, scale, has_seg):
     g_new = a * gs + _dot((q.astype(_F32) * (scale * e)).astype(q.dtype), do, ta=True)
     g_scr[...] = g_new
 
-    @pl.when(t == pl.num_programs(2) - 1)
+    @pl.when(t == n_chunks - 1)
     def _final():
         ds0_ref[...] = g_new
 
 
 # ----------------------------------------------------------------------------------------------
-# block specs (shared by the pallas_calls and the VMEM bound)
+# block specs on the (B·HV, chunk) grid (shared by the pallas_calls and the VMEM bound)
 # ----------------------------------------------------------------------------------------------
 def _specs(kind, h, hv, n_t, c, kd, vd, has_seg):
-    """(in_specs, out_specs, scratch shape) of kernel ``kind`` over the grid (B, HV, T / C)."""
+    """(in_specs, out_specs, scratch shape) of kernel ``kind``; arrays [B·heads, NC, rows, cols],
+    the dk/dv pass walks the chunks in reverse."""
     grp = hv // h
-    if kind == "dkdv":                                                 # chunks in reverse
-        chunk_of = lambda t: n_t - 1 - t                               # noqa: E731
-    else:
-        chunk_of = lambda t: t                                         # noqa: E731
-    qk = pl.BlockSpec((None, None, c, kd), lambda i, j, t: (i, j // grp, chunk_of(t), 0))
-    key = pl.BlockSpec((None, None, c, kd), lambda i, j, t: (i, j, chunk_of(t), 0))
-    val = pl.BlockSpec((None, None, c, vd), lambda i, j, t: (i, j, chunk_of(t), 0))
-    gate = pl.BlockSpec((None, None, c, 1), lambda i, j, t: (i, j, chunk_of(t), 0))
-    seg = [pl.BlockSpec((None, c, 1), lambda i, j, t: (i, chunk_of(t), 0))] * (3 * has_seg)
-    state = pl.BlockSpec((None, None, kd, vd), lambda i, j, t: (i, j, 0, 0))
+    spec = functools.partial(chunk_spec, reverse=kind == "dkdv", n_chunks=n_t)
+    qk_row = lambda i: (i // hv) * h + (i % hv) // grp                 # noqa: E731
+    qk = spec(c, kd, row=qk_row)                                       # grouped q/k heads
+    key, val, gate = spec(c, kd), spec(c, vd), spec(c, 1)
+    seg = [spec(c, 1, row=lambda i: i // hv)] * (3 * has_seg)          # per batch row
+    state = head_spec(kd, vd)
     ins = [qk, qk, val, gate, *seg, state] + ([val] if kind != "fwd" else [])
     outs = {"fwd": [val, state], "dq": [key], "dkdv": [key, val, state]}[kind]
     return ins, outs, (kd, vd)
@@ -168,44 +167,70 @@ def _specs(kind, h, hv, n_t, c, kd, vd, has_seg):
 
 def vmem_bytes(kind, *, chunk=DEFAULT_CHUNK, k_dim=128, v_dim=128, dtype=jnp.float32,
                has_seg=True):
-    """Upper bound of the VMEM one grid step of kernel ``kind`` uses, from its block shapes.
+    """Upper bound of the VMEM one grid step of kernel ``kind`` uses.
 
-    Every input and output block is double-buffered (inputs in ``dtype``, outputs and the
-    state blocks float32 — a bound), plus the float32 state scratch and the kernel's largest
-    live temporaries: four [C, C] float32 matrices (masks, decays, scores, their gradient)
-    and four [C, max(K, V)] float32 products.
+    The blocks (double-buffered) and the state scratch, read off the traced ``pallas_call``
+    (``tpu_grid.vmem_bytes``; inputs in ``dtype``), plus the kernel's largest live temporaries:
+    four [C, C] float32 matrices (masks, decays, scores, their gradient) and four
+    [C, max(K, V)] float32 products.
     """
-    ins, outs, scratch = _specs(kind, 1, 1, 1, chunk, k_dim, v_dim, has_seg)
-    item = jnp.dtype(dtype).itemsize
+    if kind not in _KERNELS:
+        raise ValueError(f"kind must be one of {tuple(_KERNELS)}, got {kind!r}")
+    sds = jax.ShapeDtypeStruct
+    q = sds((1, 1, 2 * chunk, k_dim), dtype)
+    v = sds((1, 1, 2 * chunk, v_dim), dtype)
+    b = sds((1, 1, 2 * chunk), _F32)
+    state = sds((1, 1, k_dim, v_dim), _F32)
+    seg = (sds((1, 2 * chunk), _F32),) * 3 if has_seg else None
+    fn = lambda q, k, v, b, seg, s0, do, dfinal: _run(kind, q, k, v, b, seg, s0, do, dfinal,
+                                                       scale=1.0, chunk=chunk, interpret=False)
+    total = tpu_grid.vmem_bytes(fn, q, q, v, b, seg, state, v, state)
+    return total + 4 * chunk * chunk * 4 + 4 * chunk * max(k_dim, v_dim) * 4
 
-    def size(spec):
-        return math.prod(d for d in spec.block_shape if d is not None)
 
-    total = 2 * sum(size(s) for s in ins) * max(item, 4) + 2 * sum(size(s) for s in outs) * 4
-    total += math.prod(scratch) * 4
-    total += 4 * chunk * chunk * 4 + 4 * chunk * max(k_dim, v_dim) * 4
-    return total
+def _grid(x, c):
+    """[B, heads, T, D] -> [B·heads, T / C, C, D] (a free reshape)."""
+    bsz, heads, t, d = x.shape
+    return x.reshape(bsz * heads, t // c, c, d)
 
 
-def _call(kind, kernel, args, out_shape, h, hv, c, kd, vd, has_seg, scale, interpret):
-    bsz, n_t = args[2].shape[0], args[2].shape[2] // c
-    ins, outs, scratch = _specs(kind, h, hv, n_t, c, kd, vd, has_seg)
+_KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
+
+
+def _run(kind, q, k, v, b, seg, s0, do, dfinal, *, scale, chunk, interpret):
+    """The ``kind`` pallas_call on the (B·HV, chunk) grid; outputs in the grid layout
+    ([B·HV, NC, C, D] per token, [B·HV, K, V] per head)."""
+    bsz, h, t, kd = q.shape
+    hv, vd = v.shape[1], v.shape[3]
+    nc, has_seg = t // chunk, seg is not None
+    col = lambda x: _grid(x[..., None], chunk)                         # [B·?, NC, C, 1]
+    args = [_grid(q, chunk), _grid(k, chunk), _grid(v, chunk), col(b),
+            *(col(x[:, None]) for x in (seg or ()))]                   # masks: one per row
+    flat_state = lambda x: x.reshape(bsz * hv, kd, vd)                 # noqa: E731
+    sds = jax.ShapeDtypeStruct
+    per_token = lambda d, dt=_F32: sds((bsz * hv, nc, chunk, d), dt)   # noqa: E731
+    per_head = sds((bsz * hv, kd, vd), _F32)
+    if kind == "fwd":
+        args.append(flat_state(s0))
+        out_shape = [per_token(vd, v.dtype), per_head]
+    elif kind == "dq":
+        args += [flat_state(s0), _grid(do, chunk)]
+        out_shape = [per_token(kd)]
+    else:
+        args += [flat_state(dfinal), _grid(do, chunk)]
+        out_shape = [per_token(kd), per_token(vd), per_head]
+    ins, outs, scratch = _specs(kind, h, hv, nc, chunk, kd, vd, has_seg)
     return pl.pallas_call(
-        functools.partial(kernel, c=c, scale=scale, has_seg=has_seg),
-        grid=(bsz, hv, n_t),
+        functools.partial(_KERNELS[kind], c=chunk, scale=scale, has_seg=has_seg, n_chunks=nc),
+        grid=(bsz * hv, nc),
         in_specs=ins,
         out_specs=outs,
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM(scratch, _F32)],
-        compiler_params=_PARAMS,
+        compiler_params=sequential_params(),
         interpret=interpret,
         name=f"simple_gla_{kind}",
     )(*args)
-
-
-def _columns(b, seg):
-    """Gates and masks as [.., T, 1] columns (TPU blocks need (8, 128)-divisible or full dims)."""
-    return b[..., None], tuple(x[..., None] for x in (seg or ()))
 
 
 def simple_gla_fwd_tpu(q, k, v, b, seg, s0, *, scale, chunk=DEFAULT_CHUNK, interpret=False):
@@ -214,13 +239,9 @@ def simple_gla_fwd_tpu(q, k, v, b, seg, s0, *, scale, chunk=DEFAULT_CHUNK, inter
     q, k: [B, H, T, K]; v: [B, HV, T, V]; b: [B, HV, T] chunk-local cumulative log-decay;
     seg: None or (doc, carry, tail), each [B, T] float32; s0: [B, HV, K, V] float32.
     """
-    bsz, h, t, kd = q.shape
-    hv, vd = v.shape[1], v.shape[3]
-    bcol, segcol = _columns(b, seg)
-    out_shape = [jax.ShapeDtypeStruct((bsz, hv, t, vd), v.dtype),
-                 jax.ShapeDtypeStruct((bsz, hv, kd, vd), _F32)]
-    return _call("fwd", _fwd_kernel, (q, k, v, bcol, *segcol, s0), out_shape, h, hv, chunk,
-                 kd, vd, seg is not None, scale, interpret)
+    o, s_final = _run("fwd", q, k, v, b, seg, s0, None, None, scale=scale, chunk=chunk,
+                      interpret=interpret)
+    return o.reshape(v.shape), s_final.reshape(s0.shape)
 
 
 def simple_gla_bwd_tpu(q, k, v, b, seg, s0, do, dfinal, *, scale, chunk=DEFAULT_CHUNK,
@@ -229,17 +250,9 @@ def simple_gla_bwd_tpu(q, k, v, b, seg, s0, do, dfinal, *, scale, chunk=DEFAULT_
 
     dq and dk are per value head (summed over each group outside), all float32.
     """
-    bsz, h, t, kd = q.shape
-    hv, vd = v.shape[1], v.shape[3]
-    bcol, segcol = _columns(b, seg)
-    has_seg = seg is not None
-    args = (q, k, v, bcol, *segcol)
-    dq = _call("dq", _dq_kernel, (*args, s0, do),
-               [jax.ShapeDtypeStruct((bsz, hv, t, kd), _F32)],
-               h, hv, chunk, kd, vd, has_seg, scale, interpret)[0]
-    dk, dv, ds0 = _call("dkdv", _dkdv_kernel, (*args, dfinal, do),
-                        [jax.ShapeDtypeStruct((bsz, hv, t, kd), _F32),
-                         jax.ShapeDtypeStruct((bsz, hv, t, vd), _F32),
-                         jax.ShapeDtypeStruct((bsz, hv, kd, vd), _F32)],
-                        h, hv, chunk, kd, vd, has_seg, scale, interpret)
-    return dq, dk, dv, ds0
+    kw = dict(scale=scale, chunk=chunk, interpret=interpret)
+    [dq] = _run("dq", q, k, v, b, seg, s0, do, dfinal, **kw)
+    dk, dv, ds0 = _run("dkdv", q, k, v, b, seg, s0, do, dfinal, **kw)
+    bsz, hv, t = v.shape[:3]
+    per_head = lambda x: x.reshape(bsz, hv, t, x.shape[-1])            # noqa: E731
+    return per_head(dq), per_head(dk), per_head(dv), ds0.reshape(s0.shape)
