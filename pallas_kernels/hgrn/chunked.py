@@ -119,6 +119,9 @@ def canonicalize(x, g, *, segment_ids, chunk: int):
     return pad_axis(a, 1, chunk, value=1.0), pad_axis(b, 1, chunk), valid
 
 
+# Jitted: called eagerly (a layer outside jit, a prefill) the associative scans would dispatch and
+# compile each of their many slices on its own. Under an outer jit this is inlined.
+@functools.partial(jax.jit, static_argnames=("output_final_state", "chunk_size"))
 def hgrn_chunked(x, g, *, initial_state=None, output_final_state=False, segment_ids=None,
                  chunk_size: int = DEFAULT_CHUNK):
     """Chunked associative scan. Returns (o [B, T, D] in x.dtype, final_state [B, D] | None)."""
