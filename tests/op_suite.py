@@ -49,7 +49,6 @@ from pallas_kernels.common.frame import KERNEL_IMPLS
 from tests.tolerance import assert_close
 
 F32 = jnp.float32
-SHAPE_KEYS = ("B", "T", "H", "HV", "K", "V")
 # Lowering from CPU needs the target's device kind (FIELD_NOTES: Mosaic's 1-D blocks, Triton's
 # compute capability); impl -> (platform, device kind, device platform, custom-call marker).
 TARGETS = {"mosaic_tpu": ("tpu", "TPU v5 lite", "tpu", "tpu_custom_call"),

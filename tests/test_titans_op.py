@@ -1,5 +1,9 @@
-"""Titans memory op: chunked vs the token reference (outputs, final state, gradients), packing,
-split prefill, token-by-token decoding, and argument checks.
+"""Titans memory op: the shared op suite for a linear memory with gradient block 16 (chunked
+and the Pallas kernels against the token reference — outputs, final state, gradients — with
+segment_ids and a continued state for chunked; packing; decoding; auto; lowering; argument
+errors), plus Titans' own cases: MLP memories and other block sizes, split prefill, random
+packings and states, momentum0 and per-row memories, decoding after a prefill, the remaining
+argument checks.
 
 Small shapes throughout (B=2, T=37, H=2, Dk=8, Dv=6, Dh=12): T odd and not a multiple of any
 block size, Dk != Dv. A literal NumPy loop checks the reference itself against the math.
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.titans import init_state, titans, titans_step
+from tests.op_suite import OpSuite
 from tests.tolerance import assert_close
 
 B, T, H, DK, DV, DH = 2, 37, 2, 8, 6, 12
@@ -114,6 +119,51 @@ def check_run(chunked, reference, dtype=jnp.float32, name=""):
     check_grads(chunked[2], reference[2], dtype)
 
 
+# --------------------------------------------------------------------------- the shared suite
+
+
+def _suite_inputs(key, *, B, T, H, HV, K, V, dtype):
+    """q, k, v, θ, η, α as in ``make_inputs`` and a linear memory0 {"w": [H, K, V]} (HV = H)."""
+    ks = jax.random.split(key, 7)
+    n = lambda kk, shape: jax.random.normal(kk, shape)
+    args = (n(ks[0], (B, T, H, K)) / K ** 0.5, n(ks[1], (B, T, H, K)) / K ** 0.5,
+            n(ks[2], (B, T, H, V)), 0.1 * jax.nn.sigmoid(n(ks[3], (B, T, H))),
+            jax.nn.sigmoid(n(ks[4], (B, T, H)) + 1.0), 0.1 * jax.nn.sigmoid(n(ks[5], (B, T, H))))
+    return tuple(x.astype(dtype) for x in args) + ({"w": (n(ks[6], (H, K, V)) / K ** 0.5)
+                                                     .astype(dtype)},)
+
+
+class TestTitansLinear(OpSuite):
+    """Linear memory, b = 16: T = 37 ends mid-block; bf16 T = 32 is whole blocks. The kernels
+    take neither segment_ids nor a state (``plain_impls``)."""
+    op = staticmethod(titans)
+    step = staticmethod(titans_step)
+    make_inputs = staticmethod(_suite_inputs)
+    kwargs = {"block_size": 16}
+    impls = ("chunked",) + KERNELS
+    plain_impls = KERNELS
+    cases = {"float32": dict(B=B, T=T, H=H, HV=H, K=DK, V=DV),
+             "bfloat16": dict(B=B, T=32, H=H, HV=H, K=DK, V=DV)}
+    lower_impls = KERNELS
+    kernel_names = {"triton": ("titans_linear_fwd_triton", "titans_linear_bwd_triton"),
+                    "mosaic_tpu": ("titans_linear_fwd_tpu", "titans_linear_bwd_tpu")}
+    compiler_options = FAST_COMPILE
+
+    def make_state(self, key, shape, arrays):
+        """A continued state: memory0 plus noise in every part, pos mid-block."""
+        mem0 = arrays[6]
+        state = init_state(mem0, arrays[0].shape[0])
+        ks = iter(jax.random.split(key, 4))
+        for part in PARTS:
+            state[part] = {n: w + 0.1 * jax.random.normal(next(ks), w.shape)
+                           for n, w in state[part].items()}
+        state["pos"] = jax.random.randint(next(ks), (arrays[0].shape[0],), 0, 16, jnp.int32)
+        return state
+
+    def call_step(self, arrays_t, state, **kw):
+        return titans_step(*arrays_t[:6], state, arrays_t[6], **kw)
+
+
 # --------------------------------------------------------------------------- the reference itself
 
 
@@ -169,8 +219,9 @@ def test_reference_matches_literal_loop(memory, b):
 # --------------------------------------------------------------------------- chunked vs reference
 
 
-@pytest.mark.parametrize("memory", MEMORIES)
-@pytest.mark.parametrize("b", [1, 4, 16])
+# (linear, 16) is TestTitansLinear's case.
+@pytest.mark.parametrize("memory,b", [("linear", 1), ("linear", 4), ("mlp2", 1), ("mlp2", 4),
+                                      ("mlp2", 16)])
 def test_chunked_matches_reference(memory, b):
     args, mem0 = make_inputs(1, memory)
     got, want = fwd_bwd(args, mem0, impl="chunked", b=b), fwd_bwd(args, mem0, impl="reference", b=b)
@@ -189,7 +240,7 @@ def test_chunked_matches_reference_bf16():
 
 
 @pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("b", [16, 32])
+@pytest.mark.parametrize("b", [32])                       # b = 16: TestTitansLinear
 def test_kernel_matches_reference(impl, b):
     """Linear memory through the Pallas kernels (interpreted): T = 37 is not a multiple of b
     (the final block_start is then the memory entering the last block), Dk = 8 != Dv = 6."""
@@ -199,62 +250,10 @@ def test_kernel_matches_reference(impl, b):
     check_run(got, want, name=f"{impl} b={b}")
 
 
-@pytest.mark.parametrize("impl", KERNELS)
-def test_kernel_matches_reference_bf16_full_blocks(impl):
-    args, mem0 = make_inputs(12, "linear", t=32, dtype=jnp.bfloat16)
-    got = fwd_bwd(args, mem0, impl=impl, b=16)
-    want = fwd_bwd(args, mem0, impl="reference", b=16)
-    assert got[0].dtype == jnp.bfloat16 and got[1]["pos"].tolist() == [0, 0]
-    check_run(got, want, jnp.bfloat16, name=f"{impl} bf16")
-
-
-LOWERING = {"triton": ("cuda", "NVIDIA H100 80GB HBM3", "gpu", "__gpu$xla.gpu.triton"),
-            "mosaic_tpu": ("tpu", "TPU v5 lite", "tpu", "tpu_custom_call")}
-
-
-@pytest.mark.parametrize("impl", KERNELS)
-def test_kernel_lowers_for_its_hardware(impl):
-    from jax.sharding import AbstractDevice, AbstractMesh
-
-    platform, kind, device_platform, marker = LOWERING[impl]
-    sds = jax.ShapeDtypeStruct
-    f32 = jnp.float32
-    shapes = dict(q=(1, 70, 2, 24), k=(1, 70, 2, 24), v=(1, 70, 2, 40), theta=(1, 70, 2),
-                  eta=(1, 70, 2), alpha=(1, 70, 2))
-    args = {n: sds(s, f32) for n, s in shapes.items()}
-    mem0 = {"w": sds((2, 24, 40), f32)}
-
-    def fwd(args, mem0):  # compiled kernels (interpret=False), as on the hardware
-        return titans(*(args[n] for n in GATES), mem0, block_size=16, impl=impl,
-                      output_final_state=True)
-
-    def fwd_and_grads(args, mem0):
-        def loss(args, mem0):
-            y, st = fwd(args, mem0)
-            return jnp.sum(y) + jnp.sum(st["memory"]["w"])
-        return jax.grad(loss, argnums=(0, 1))(args, mem0)
-
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-        device_kind=kind, num_cores=1, platform=device_platform))
-    name = "titans_linear_{}_" + ("triton" if impl == "triton" else "tpu")
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fwd).trace(args, mem0).lower(lowering_platforms=(platform,)).as_text()
-        assert name.format("fwd") in text and marker in text
-        text = jax.jit(fwd_and_grads).trace(args, mem0).lower(
-            lowering_platforms=(platform,)).as_text()
-        assert name.format("fwd") in text and name.format("bwd") in text
-
-
-def test_auto_is_chunked_on_cpu():
-    args, mem0 = make_inputs(3, "linear", t=9)
-    trace = lambda impl: str(jax.make_jaxpr(lambda a: call(impl, a, mem0, 4))(args))
-    assert trace("auto") == trace("chunked") != trace("reference")
-
-
 # --------------------------------------------------------------------------- packing
 
 
-@pytest.mark.parametrize("memory,b", PACKED)
+@pytest.mark.parametrize("memory,b", PACKED[1:])      # linear, 16: TestTitansLinear
 def test_packed_equals_separate(memory, b):
     args, mem0 = make_inputs(4, memory)
     seg = jnp.asarray(SEGMENTS)
