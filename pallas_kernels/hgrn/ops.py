@@ -5,10 +5,11 @@
 x, g (log forget gate, <= 0) [B, T, D] — fla's ``hgrn`` names and layout: one scalar state per
 feature channel, no heads; state [B, D] float32.
 
-Implementations (``impl``): "reference" (token scan, the specification) and "chunked" (a chunked
-associative scan with a hand-written VJP, ``chunked.py``; the default everywhere, since no
-backend has a kernel of this op: the recurrence is elementwise and memory-bound, so a fused
-kernel could only save the few passes over [B, T, D] that the scan makes).
+Implementations (``impl``): "reference" (token scan, the specification) and "chunked" (a blocked
+scan of the associative operator (a1, b1) ∘ (a2, b2) = (a1·a2, a2·b1 + b2) with a hand-written
+VJP, ``chunked.py``; the default everywhere, since no backend has a kernel of this op: the
+recurrence is elementwise and memory-bound, so a fused kernel could only save the few passes
+over [B, T, D] that the scan makes).
 """
 
 from __future__ import annotations
