@@ -13,7 +13,6 @@ specification), "chunked" (pure JAX, the CPU default), "triton" (Pallas GPU) and
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.common import check_float, check_range, check_segment_ids, check_shape
 from pallas_kernels.common.frame import BenchSpec, Op
