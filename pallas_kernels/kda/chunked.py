@@ -89,6 +89,101 @@ def _dot(spec, x, y):
     return jnp.einsum(spec, x, y, precision=_HI)
 
 
+# --------------------------------------------------------------------------- decayed scores
+def _sub_block(C, sub_chunk):
+    """The largest divisor of C that is <= sub_chunk."""
+    return max(d for d in range(1, min(C, sub_chunk) + 1) if C % d == 0)
+
+
+def _decay_factors(G, s):
+    """The exp factors of the stable construction, all exponents <= 0 (``common.decay``).
+
+    G [..., C, K] -> (fa [..., n, s, K] = e^{G_i − G_r(p)} for row i of sub-chunk p (r its first
+    row), fb [..., n, C, K] = e^{G_r(p) − G_j} for columns j < r(p) (0 elsewhere),
+    e [..., n, s, s, K] = e^{G_i − G_j} inside sub-chunk p for j <= i (0 elsewhere)).
+    """
+    *lead, C, K = G.shape
+    n = C // s
+    Gs = G.reshape(*lead, n, s, K)
+    Gr = Gs[..., :, :1, :]                                               # [..., n, 1, K]
+    fa = jnp.exp(Gs - Gr)
+    earlier = (jnp.arange(C)[None, :] < (jnp.arange(n) * s)[:, None])[:, :, None]   # [n, C, 1]
+    fb = jnp.exp(jnp.where(earlier, Gr - G[..., None, :, :], -jnp.inf))
+    tri = (jnp.arange(s)[None, :] <= jnp.arange(s)[:, None])[:, :, None]         # [s, s, 1]
+    e = jnp.exp(jnp.where(tri, Gs[..., :, :, None, :] - Gs[..., :, None, :, :], -jnp.inf))
+    return fa, fb, e
+
+
+def _row_apply(m, b, factors, s):
+    """Y_i = Σ_{j<=i} m_ij b_j ⊙ e^{G_i − G_j}: m [..., C, C] (lower), b [..., C, K] -> [..., C, K]
+    (leading dims broadcast). ∂/∂a of Σ_ij m_ij A_ij for A = decayed_scores(a, b, G)."""
+    fa, fb, e = factors
+    C, K = b.shape[-2:]
+    n = C // s
+    mr = m.reshape(*m.shape[:-2], n, s, C)                               # rows by sub-chunk
+    off = fa * _dot("...pij,...pjk->...pik", mr, b[..., None, :, :] * fb)
+    md = _diag(mr, s)                                                    # [..., n, s, s]
+    diag = jnp.sum(md[..., None] * b.reshape(*b.shape[:-2], n, 1, s, K) * e, axis=-2)
+    return (off + diag).reshape(*off.shape[:-3], C, K)
+
+
+def _col_apply(m, a, factors, s):
+    """Z_j = Σ_{i>=j} m_ij a_i ⊙ e^{G_i − G_j}: m [..., C, C] (lower), a [..., C, K] -> [..., C, K]
+    (leading dims broadcast). ∂/∂b of Σ_ij m_ij A_ij for A = decayed_scores(a, b, G)."""
+    fa, fb, e = factors
+    C, K = a.shape[-2:]
+    n = C // s
+    mr = m.reshape(*m.shape[:-2], n, s, C)
+    af = a.reshape(*a.shape[:-2], n, s, K) * fa
+    off = jnp.sum(fb * _dot("...pij,...pik->...pjk", mr, af), axis=-3)   # [..., C, K]
+    md = _diag(mr, s)
+    diag = jnp.sum(md[..., None] * a.reshape(*a.shape[:-2], n, s, 1, K) * e, axis=-3)
+    return off + diag.reshape(*diag.shape[:-3], C, K)
+
+
+def _diag(mr, s):
+    """[..., n, s, C] rows by sub-chunk -> [..., n, s, s] the diagonal s×s blocks."""
+    n = mr.shape[-3]
+    blocks = mr.reshape(*mr.shape[:-1], n, s)                            # [..., n, s, n, s]
+    return _dot("...piqj,pq->...pij", blocks, jnp.eye(n, dtype=mr.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _scores(q, k, G, sub_chunk):
+    """(A0, P): A0_ij = Σ_c k_ic k_jc e^{G_ic − G_jc} (j < i), P_ij = Σ_c q_ic k_jc e^{G_ic − G_jc}
+    (j <= i), both [..., C, C], from ``decayed_scores``; the VJP below reuses one set of exp
+    factors (:func:`_decay_factors`) for both and takes the sums over the middle axis."""
+    return _scores_fwd(q, k, G, sub_chunk)[0]
+
+
+def _scores_fwd(q, k, G, sub_chunk):
+    s = _sub_block(G.shape[-2], sub_chunk)
+    a = decayed_scores(k, k, G, sub_chunk=s, strict=True)
+    p = decayed_scores(q, k, G, sub_chunk=s)
+    return (a, p), (q, k, G)
+
+
+def _scores_bwd(sub_chunk, res, cts):
+    """For A = decayed_scores(a, b, G) and a cotangent m: da = row_apply(m, b),
+    db = col_apply(m, a), dG = a ⊙ da − b ⊙ db (∂A_ij/∂G_ic = ±a_ic b_jc e^{G_ic − G_jc})."""
+    q, k, G = res
+    da0, dp = cts
+    C = G.shape[-2]
+    s = _sub_block(C, sub_chunk)
+    incl = jnp.tril(jnp.ones((C, C), jnp.float32))
+    ma, mp = da0 * (incl - jnp.eye(C, dtype=jnp.float32)), dp * incl     # structural zeros
+    f = _decay_factors(G, s)                                             # shared by A0 and P
+    ra = _row_apply(ma, k, f, s)                                         # ∂/∂k (rows of A0)
+    rp = _row_apply(mp, k, f, s)                                         # ∂/∂q
+    ca = _col_apply(ma, k, f, s)                                         # ∂/∂k (columns of A0)
+    cp = _col_apply(mp, q, f, s)                                         # ∂/∂k (columns of P)
+    dG = k * (ra - ca - cp) + q * rp
+    return rp, ra + ca + cp, dG
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
 # --------------------------------------------------------------------------- one block of chunks
 def _block_inputs(xs, i, chunk, nb):
     """Block i (nb chunks) of the [B, Tp, ...] inputs in the chunk layout [nb, B, HV, C, ...];
@@ -117,8 +212,7 @@ def _block(arrays, s0, docs, carry, scale, sub_chunk):
     gamma = jnp.exp(G)                                                   # e^{G_i} <= 1
     gamma_o = jnp.exp(G_last - G)                                        # e^{G_last − G_j} <= 1
     lam = jnp.exp(G_last[..., 0, :])                                     # [nb, B, HV, K]
-    a = decayed_scores(k, k, G, sub_chunk=sub_chunk, strict=True)        # [nb, B, HV, C, C]
-    p = decayed_scores(q, k, G, sub_chunk=sub_chunk)
+    a, p = _scores(q, k, G, sub_chunk)                                   # [nb, B, HV, C, C]
     if docs is not None:
         same = (docs[..., :, None] == docs[..., None, :]).astype(jnp.float32)
         a, p = a * same, p * same
