@@ -118,14 +118,15 @@ def _sizes_case(strong):
 
 
 @pytest.mark.parametrize("chunk,sub,rows", [
-    (16, 16, 32),           # chunk == sub-chunk: pairwise only; 7 blocks of one chunk
-    (32, 8, 128),           # factored fast path (mild gates), blocks of 2 chunks
-    (24, 16, 10_000),       # a sub-chunk that does not divide the chunk; one block
+    (32, 8, 128),           # blocks of 2 chunks (the last one partly padding)
+    (24, 16, 48),           # a sub-chunk that does not divide the chunk; blocks of 1 chunk
 ])
 @pytest.mark.parametrize("strong", [False, True], ids=["mild", "strong"])
 def test_chunk_sizes(chunk, sub, rows, strong):
-    """Chunk, sub-chunk and block sizes, mild and strong gates, T = 101 (no multiple of any
-    chunk), with documents and an initial state, against the reference (values and VJPs)."""
+    """Chunk, sub-chunk and block sizes, mild gates (the one-matmul path of decayed_scores) and
+    strong ones (its sub-chunk path), T = 101 (no multiple of any chunk), with documents and an
+    initial state, against the reference (values and VJPs). The suite above covers a chunk
+    equal to its sub-chunk (pairwise scores only)."""
     args, want = _sizes_case(strong)
     got = _vjp_fn("chunked", chunk_size=chunk, sub_chunk=sub, block_rows=rows)(*args)
     _assert_matches(got, want, label=f"C={chunk} s={sub} rows={rows}")

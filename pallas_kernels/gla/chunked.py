@@ -88,20 +88,23 @@ def _block_merge(x):
     return jnp.moveaxis(x, 0, 2).reshape(m * c, h, *x.shape[3:])
 
 
-def _block_setup(xs, m, c, scale, sub):
+def _block_setup(xs, m, c, scale, sub, with_vjp=False):
     """Decays, masks and intra-chunk scores of one block.
 
     xs: q, k, g [L, H, K]; v [L, H, V]; doc, reset [L] or None (L = M·C).
     Returns q, k, v [H, M, C, *], G [H, M, C, K], A [H, M, C, C] (scale included, masked),
     the read and write factors eq = scale·e^{G}∘carry and ek = e^{G_last − G}∘tail
-    [H, M, C, K], a [H, M, K], and the same-document mask [1, M, C, C] or None.
+    [H, M, C, K], a [H, M, K], the same-document mask [1, M, C, C] or None, and with
+    ``with_vjp`` the VJP of the unscaled scores in (q, k) with G held fixed (else None).
     """
     f32 = jnp.float32
     q, k, v, g, doc, reset = xs
     q, k, v, g = (_block_split(x, m, c) for x in (q, k, v, g))          # [H, M, C, *]
     G = _mm("hmjk,ij->hmik", g, _causal(c).astype(f32))                # cumsum over C
     G_last = G[..., -1, :]                                             # [H, M, K]
-    A = decayed_scores(q, k, G, sub_chunk=sub) * scale                 # [H, M, C, C]
+    scores = lambda x, y: decayed_scores(x, y, G, sub_chunk=sub)       # [H, M, C, C]
+    A, scores_vjp = jax.vjp(scores, q, k) if with_vjp else (scores(q, k), None)
+    A = A * scale
     eq = scale * jnp.exp(G)
     ek = jnp.exp(G_last[..., None, :] - G)
     a = jnp.exp(G_last)                                                # [H, M, K]
@@ -116,7 +119,7 @@ def _block_setup(xs, m, c, scale, sub):
         eq = jnp.where(carry[..., None], eq, 0.0)
         ek = jnp.where(tail[..., None], ek, 0.0)
         a = jnp.where(carry[..., -1:], a, 0.0)
-    return q, k, v, G, A, eq, ek, a, same
+    return q, k, v, G, A, eq, ek, a, same, scores_vjp
 
 
 def _chunk_states(s_in, kg, v, a):
@@ -134,7 +137,7 @@ def _chunk_states(s_in, kg, v, a):
 
 def _block_forward(s_in, xs, m, c, scale, sub):
     """Forward of one block: (S_in [H, K, V], inputs) -> (S_out, o [L, H, V])."""
-    q, k, v, G, A, eq, ek, a, _ = _block_setup(xs, m, c, scale, sub)
+    q, k, v, G, A, eq, ek, a, _, _ = _block_setup(xs, m, c, scale, sub)
     s_prev, s_out = _chunk_states(s_in, k * ek, v, a)
     o = _mm("hmij,hmjv->hmiv", A, v) + _mm("hmck,hmkv->hmcv", q * eq, s_prev)
     return s_out, _block_merge(o)
@@ -148,7 +151,7 @@ def _block_backward(ds_out, dg_acc, s_in, xs, do, m, c, scale, sub):
     (saved by the forward pass); do: [L, H, V].
     """
     f32 = jnp.float32
-    q, k, v, G, A, eq, ek, a, same = _block_setup(xs, m, c, scale, sub)
+    q, k, v, G, A, eq, ek, a, same, scores_vjp = _block_setup(xs, m, c, scale, sub, True)
     qg, kg = q * eq, k * ek                                            # [H, M, C, K]
     s_prev, _ = _chunk_states(s_in, kg, v, a)                          # [H, M, K, V]
     do = _block_split(do, m, c)                                        # [H, M, C, V]
@@ -163,7 +166,6 @@ def _block_backward(ds_out, dg_acc, s_in, xs, do, m, c, scale, sub):
     dA = _mm("hmiv,hmjv->hmij", do, v) * scale
     if same is not None:
         dA = jnp.where(same, dA, 0.0)
-    _, scores_vjp = jax.vjp(lambda x, y: decayed_scores(x, y, G, sub_chunk=sub), q, k)
     dq, dk = scores_vjp(dA)
     dq = dq + _mm("hmcv,hmkv->hmck", do, s_prev) * eq
     dk = dk + _mm("hmcv,hmkv->hmck", v, ds_next) * ek
