@@ -34,7 +34,6 @@ Everything is differentiable by autodiff with finite gradients.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -14,10 +14,9 @@ backward; what "auto" gives on every backend until GPU/TPU kernels exist).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.common import check_float, check_segment_ids, check_shape, expand_groups
+from pallas_kernels.common import check_float, check_segment_ids, check_shape
 from pallas_kernels.common.frame import BenchSpec, Op
 from pallas_kernels.gla.chunked import DEFAULT_CHUNK
 from pallas_kernels.gla.reference import gla_step_reference
