@@ -103,10 +103,11 @@ def test_reduces_to_gated_delta_rule():
     s0 = 0.5 * jax.random.normal(jax.random.PRNGKey(4), (B, HV, K, V))
     seg = jnp.asarray([[1] * 20 + [2] * 20 + [0] * 5, [3] * 45], jnp.int32)
     common = dict(initial_state=s0, output_final_state=True, segment_ids=seg,
-                  use_qk_l2norm=True, impl="chunked")
+                  use_qk_l2norm=True)
     g_k = jnp.broadcast_to(g_scalar[..., None], (B, T, HV, K))
-    o, final = jax.jit(lambda *a: kda(*a, chunk_size=16, **common))(q, k, v, g_k, beta)
-    o_gd, final_gd = jax.jit(lambda *a: gated_delta_rule(*a, **common))(q, k, v, g_scalar, beta)
+    o, final = jax.jit(lambda *a: kda(*a, impl="chunked", **common))(q, k, v, g_k, beta)
+    o_gd, final_gd = jax.jit(lambda *a: gated_delta_rule(*a, impl="reference", **common))(
+        q, k, v, g_scalar, beta)
     assert_close(o, o_gd, F32, "out", "o")
     assert_close(final, final_gd, F32, "out", "final_state")
 
