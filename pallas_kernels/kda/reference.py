@@ -22,7 +22,6 @@ The scan stores one state per token for autodiff: it is the specification, not a
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
