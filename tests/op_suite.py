@@ -16,9 +16,10 @@ Class attributes (the API): ``op``, ``step`` (None: no step test), ``make_inputs
 ``interpret=True``), ``impl_kwargs`` ({impl: {kw: value}}), ``cases`` ({dtype name: shape}),
 ``state_shape(B, H, HV, K, V)`` (the float32 state), ``lower_impls`` (Pallas impls lowered for
 TPU and CUDA from CPU). Extensions: ``plain_impls`` (impls that take neither segment_ids nor an
-initial state: compared without them), ``kernel_names`` ({impl: names that must appear in
-the lowered forward + backward}) and ``compiler_options`` (passed to every ``jax.jit`` of the
-suite).
+initial state: compared without them), ``packing_impls`` (the packing test's impls; default
+"reference" and every impl that takes segment_ids), ``kernel_names`` ({impl: names that must
+appear in the lowered forward + backward}) and ``compiler_options`` (passed to every
+``jax.jit`` of the suite).
 
 Tests, per subclass:
   * ``test_matches_reference[impl-dtype]``: output, final state, and the VJP of every float
@@ -28,7 +29,9 @@ Tests, per subclass:
   * ``test_packing_equals_separate[impl]``: three packed documents + padding == each alone
     (the initial state on the first one); padding outputs exactly 0.
   * ``test_step_matches_reference``: the decode step token by token == the reference.
-  * ``test_auto_is_chunked_on_cpu``; ``test_lowers[impl-seg]``; ``test_bad_arguments[case]``.
+  * ``test_auto_is_chunked_on_cpu`` ("auto" traces to the program of "chunked");
+    ``test_lowers[impl-seg]`` (forward + backward lowered for the impl's platform);
+    ``test_bad_arguments[case]`` (wrong-rank q, mismatched v batch, HV % H != 0).
 
 Hooks for ops whose arguments do not fit (Titans): :meth:`call`, :meth:`call_step`,
 :meth:`make_state`, :meth:`make_segments`, :meth:`case_kwargs`, :meth:`compare_state`,
@@ -38,6 +41,7 @@ differentiated).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -89,6 +93,7 @@ class OpSuite:
     lower_impls: tuple = ()
     plain_impls: tuple = ()
     kernel_names: dict = {}
+    packing_impls: tuple = ()        # default: "reference" and every impl taking segment_ids
     compiler_options: dict = {}      # for every jit of the suite (e.g. a fast-compile level)
 
     def __init_subclass__(cls, **kw):
@@ -105,7 +110,7 @@ class OpSuite:
             metafunc.parametrize("impl", self.impls)
             metafunc.parametrize("dtype", list(self.cases))
         elif name == "test_packing_equals_separate":
-            metafunc.parametrize("impl", ("reference",) + tuple(
+            metafunc.parametrize("impl", self.packing_impls or ("reference",) + tuple(
                 i for i in self.impls if i not in self.plain_impls))
         elif name == "test_lowers":
             metafunc.parametrize("impl,segments", [
@@ -152,20 +157,29 @@ class OpSuite:
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=label)
 
     def bad_arguments(self):
-        """(id, positional arrays, match) triples that must raise ValueError."""
-        arrays = self.inputs("float32", B=1, T=8, H=2, HV=4, K=8, V=8)
+        """(id, positional arrays, match) triples that must raise ValueError; the arrays are
+        ``jax.ShapeDtypeStruct``s (the errors are raised at trace time)."""
+        arrays = jax.eval_shape(lambda: self.inputs("float32", B=1, T=8, H=2, HV=4, K=8, V=8))
         q, v = arrays[0], arrays[2]
-        with_ = lambda i, x: arrays[:i] + (x,) + arrays[i + 1:]
-        out = [("q_rank", with_(0, q[0]), r"q must have shape"),
-               ("v_batch", with_(2, jnp.concatenate([v, v])), r"v must have shape")]
+        with_ = lambda i, shape: arrays[:i] + (jax.ShapeDtypeStruct(shape, arrays[i].dtype),
+                                               ) + arrays[i + 1:]
+        out = [("q_rank", with_(0, q.shape[1:]), r"q must have shape"),
+               ("v_batch", with_(2, (2,) + v.shape[1:]), r"v must have shape")]
         if v.shape[2] != q.shape[2]:
-            out.append(("heads_not_multiple", with_(2, v[:, :, :3]), r"v.*multiple of the"))
+            out.append(("heads_not_multiple", with_(2, v.shape[:2] + (3,) + v.shape[3:]),
+                        r"v.*multiple of the"))
         return out
 
     # ------------------------------------------------------------------------------- helpers
     def inputs(self, dtype, *, seed=0, **shape):
-        return tuple(type(self).make_inputs(jax.random.PRNGKey(seed), dtype=jnp.dtype(dtype),
-                                            **shape))
+        """``make_inputs`` as one jitted program (one compile, not one per random op); eagerly
+        when it is not traceable (NumPy inside)."""
+        make = functools.partial(type(self).make_inputs, dtype=jnp.dtype(dtype), **shape)
+        key = jax.random.PRNGKey(seed)
+        try:
+            return tuple(jax.jit(make)(key))
+        except jax.errors.JAXTypeError:
+            return tuple(make(key))
 
     def jit(self, fn):
         return jax.jit(fn, compiler_options=self.compiler_options or None)
@@ -280,24 +294,22 @@ class OpSuite:
         seg = self.make_segments(shape["B"], shape["T"]) if segments else None
         kw = {**self.case_kwargs("float32"), **self.impl_kwargs.get(impl, {})}
 
-        def fwd(arrays):
-            return self.call(impl, arrays, segment_ids=seg, **kw)
-
-        def fwd_bwd(arrays):
+        def fwd_bwd(arrays):                  # the forward's kernels are in it too
             fa, rebuild = _split(arrays)
-            loss = lambda fa: sum(jnp.sum(x.astype(F32)) for x in _split(fwd(rebuild(fa)))[0])
+            fwd = lambda fa: self.call(impl, rebuild(fa), segment_ids=seg, **kw)
+            loss = lambda fa: sum(jnp.sum(x.astype(F32)) for x in _split(fwd(fa))[0])
             return jax.grad(loss)(fa)
 
         mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
             device_kind=kind, num_cores=1, platform=device_platform))
         with jax.sharding.use_abstract_mesh(mesh):
-            text_fwd, text = (jax.jit(f).trace(arrays).lower(lowering_platforms=(platform,))
-                              .as_text() for f in (fwd, fwd_bwd))
-        assert marker in text_fwd and marker in text
+            text = jax.jit(fwd_bwd).trace(arrays).lower(lowering_platforms=(platform,)).as_text()
+        assert marker in text
         for name in self.kernel_names.get(impl, ()):
             assert name in text, f"{name} not in the lowered forward + backward"
 
     def test_bad_arguments(self, bad):
         arrays, match = bad
+        kw = self.case_kwargs("float32")
         with pytest.raises(ValueError, match=match):
-            self.call("reference", arrays, **self.case_kwargs("float32"))
+            jax.eval_shape(lambda a: self.call("reference", a, **kw), arrays)

@@ -55,6 +55,7 @@ class TestGatedDelta(OpSuite):
     impl_kwargs = {"chunked": {"chunk_size": 16}}
     cases = {"float32": dict(B=2, T=130, H=2, HV=4, K=24, V=40),
              "bfloat16": dict(B=2, T=63, H=2, HV=4, K=20, V=12)}
+    packing_impls = ("reference", "chunked")
     lower_impls = ("triton", "mosaic_tpu")
     kernel_names = {"triton": ("gated_delta_fwd_triton", "gated_delta_bwd_triton"),
                     "mosaic_tpu": ("gated_delta_fwd_tpu", "gated_delta_bwd_tpu")}

@@ -64,6 +64,7 @@ class TestSimpleGla(OpSuite):
     impls = ("chunked", "triton", "mosaic_tpu")
     cases = {"float32": dict(B=2, T=100, H=2, HV=4, K=24, V=40),
              "bfloat16": dict(B=2, T=100, H=2, HV=4, K=24, V=40)}
+    packing_impls = ("chunked", "triton")
     lower_impls = ("triton", "mosaic_tpu")
     kernel_names = {i: ("simple_gla_fwd", "simple_gla_dq", "simple_gla_dkdv")
                     for i in ("triton", "mosaic_tpu")}
