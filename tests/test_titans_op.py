@@ -142,6 +142,7 @@ class TestTitansLinear(OpSuite):
     kwargs = {"block_size": 16}
     impls = ("chunked",) + KERNELS
     plain_impls = KERNELS
+    packing_impls = ("chunked",)                          # as before the suite
     cases = {"float32": dict(B=B, T=T, H=H, HV=H, K=DK, V=DV),
              "bfloat16": dict(B=B, T=32, H=H, HV=H, K=DK, V=DV)}
     lower_impls = KERNELS
