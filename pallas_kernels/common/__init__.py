@@ -29,6 +29,7 @@ __all__ = [
     "check_shape",
     "check_segment_ids",
     "check_range",
+    "check_heads",
     "segment_masks",
     "pad_axis",
     "next_pow2",
@@ -86,6 +87,30 @@ def check_segment_ids(op: str, segment_ids, batch: int, length: int) -> None:
     check_shape(op, "segment_ids", segment_ids, (batch, length))
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise TypeError(f"{op}: segment_ids must be an integer array [B, T], got {segment_ids.dtype}")
+
+
+def check_heads(op: str, q, k, v, initial_state=None, segment_ids=None):
+    """The q/k/v layout shared by the linear-attention ops, checked at trace time.
+
+    q, k [B, T, H, K]; v [B, T, HV, V] with HV % H == 0; initial_state [B, HV, K, V];
+    segment_ids [B, T]. Returns (B, T, H, HV, K, V); the op checks its own gates.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"{op}: q must have shape [B, T, H, K], got {list(q.shape)}")
+    B, T, H, K = q.shape
+    check_shape(op, "k", k, (B, T, H, K))
+    if v.ndim != 4:
+        raise ValueError(f"{op}: v must have shape [B, T, HV, V] = [{B}, {T}, *, *], "
+                         f"got {list(v.shape)}")
+    check_shape(op, "v", v, (B, T, None, None))
+    HV, V = v.shape[2], v.shape[3]
+    if HV % H != 0:
+        raise ValueError(f"{op}: value heads HV={HV} (v.shape[2]) must be a multiple of the q/k "
+                         f"heads H={H} (q.shape[2])")
+    if initial_state is not None:
+        check_shape(op, "initial_state", initial_state, (B, HV, K, V))
+    check_segment_ids(op, segment_ids, B, T)
+    return B, T, H, HV, K, V
 
 
 def _dot(a, b, contract):

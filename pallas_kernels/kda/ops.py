@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.common import check_float, check_segment_ids, check_shape, expand_groups
+from pallas_kernels.common import check_float, check_heads, check_shape, expand_groups
 from pallas_kernels.common.frame import BenchSpec, Op
 from pallas_kernels.gated_delta.reference import l2norm
 from pallas_kernels.kda.chunked import DEFAULT_CHUNK
@@ -52,23 +52,9 @@ _OP = OP.name
 def _check_inputs(q, k, v, g, beta, initial_state, segment_ids):
     """Shape/dtype checks at trace time; returns (B, T, H, HV, K, V)."""
     check_float(_OP, q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
-    if q.ndim != 4:
-        raise ValueError(f"{_OP}: q must have shape [B, T, H, K], got {list(q.shape)}")
-    B, T, H, K = q.shape
-    check_shape(_OP, "k", k, (B, T, H, K))
-    if v.ndim != 4:
-        raise ValueError(f"{_OP}: v must have shape [B, T, HV, V] = [{B}, {T}, *, *], "
-                         f"got {list(v.shape)}")
-    check_shape(_OP, "v", v, (B, T, None, None))
-    HV, V = v.shape[2], v.shape[3]
-    if HV % H != 0:
-        raise ValueError(f"{_OP}: value heads HV={HV} (v.shape[2]) must be a multiple of the q/k "
-                         f"heads H={H} (q.shape[2])")
+    B, T, H, HV, K, V = check_heads(_OP, q, k, v, initial_state, segment_ids)
     check_shape(_OP, "g", g, (B, T, HV, K))
     check_shape(_OP, "beta", beta, (B, T, HV))
-    if initial_state is not None:
-        check_shape(_OP, "initial_state", initial_state, (B, HV, K, V))
-    check_segment_ids(_OP, segment_ids, B, T)
     return B, T, H, HV, K, V
 
 
