@@ -30,6 +30,9 @@ __all__ = [
     "check_segment_ids",
     "check_range",
     "check_heads",
+    "check_step_heads",
+    "causal_mask",
+    "einsum_f32",
     "segment_masks",
     "pad_axis",
     "next_pow2",
@@ -111,6 +114,36 @@ def check_heads(op: str, q, k, v, initial_state=None, segment_ids=None):
         check_shape(op, "initial_state", initial_state, (B, HV, K, V))
     check_segment_ids(op, segment_ids, B, T)
     return B, T, H, HV, K, V
+
+
+def check_step_heads(op: str, q, k, v, state):
+    """The single-token layout of the linear-attention steps: q, k [B, H, K]; v [B, HV, V] with
+    HV % H == 0; state [B, HV, K, V]. Returns (B, H, HV, K, V); the step checks its own gates."""
+    if q.ndim != 3:
+        raise ValueError(f"{op}: q must have shape [B, H, K], got {list(q.shape)}")
+    B, H, K = q.shape
+    check_shape(op, "k", k, (B, H, K))
+    if v.ndim != 3 or v.shape[0] != B:
+        raise ValueError(f"{op}: v must have shape [B, HV, V] = [{B}, *, *], got "
+                         f"{list(v.shape)}")
+    HV, V = v.shape[1], v.shape[2]
+    if HV % H != 0:
+        raise ValueError(f"{op}: value heads HV={HV} (v.shape[1]) must be a multiple of the "
+                         f"q/k heads H={H} (q.shape[1])")
+    check_shape(op, "state", state, (B, HV, K, V))
+    return B, H, HV, K, V
+
+
+def einsum_f32(spec, a, b):
+    """``jnp.einsum`` at HIGHEST precision with a float32 result (the chunked forms' matmuls)."""
+    return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+
+
+def causal_mask(n: int, strict: bool = False) -> jax.Array:
+    """[n, n] bool, True where column j <= row i (j < i when strict)."""
+    i = jnp.arange(n)
+    return (i[None, :] < i[:, None]) if strict else (i[None, :] <= i[:, None])
 
 
 def _dot(a, b, contract):

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import next_pow2, pad_axis
 
-__all__ = ["to_kernel_layout", "from_kernel_layout", "chunk_cumsum", "triton_width", "tpu_width"]
+__all__ = ["to_kernel_layout", "from_kernel_layout", "chunk_cumsum", "triton_width", "tpu_width",
+           "block_split", "block_merge"]
 
 
 def triton_width(d: int) -> int:
@@ -45,3 +46,16 @@ def chunk_cumsum(g: jax.Array, chunk: int) -> jax.Array:
     """[B, H, Tp(, K)] -> the cumulative sum of g inside each chunk of ``chunk`` tokens."""
     b, h, t = g.shape[:3]
     return jnp.cumsum(g.reshape(b, h, t // chunk, chunk, *g.shape[3:]), axis=3).reshape(g.shape)
+
+
+def block_split(x: jax.Array, m: int, c: int) -> jax.Array:
+    """[M*C, H, *F] -> [H, M, C, *F]: one block of M chunks of C tokens, heads leading (the
+    chunked forms' layout inside a scan over blocks)."""
+    x = x.reshape(m, c, *x.shape[1:])
+    return jnp.moveaxis(x, 2, 0)
+
+
+def block_merge(x: jax.Array) -> jax.Array:
+    """[H, M, C, *F] -> [M*C, H, *F]: the inverse of :func:`block_split`."""
+    h, m, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 2).reshape(m * c, h, *x.shape[3:])

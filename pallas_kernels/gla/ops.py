@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels import common
-from pallas_kernels.common import check_float, check_heads, check_shape
+from pallas_kernels.common import check_float, check_heads, check_shape, check_step_heads
 from pallas_kernels.common.frame import BenchSpec, Op
 from pallas_kernels.gla.chunked import DEFAULT_CHUNK
 from pallas_kernels.gla.reference import gla_step_reference
@@ -80,19 +80,8 @@ def gla_step(q, k, v, g, state, *, scale=None):
     """
     name = _OP + "_step"
     check_float(name, q=q, k=k, v=v, g=g, state=state)
-    if q.ndim != 3:
-        raise ValueError(f"{name}: q must have shape [B, H, K], got {list(q.shape)}")
-    B, H, K = q.shape
-    check_shape(name, "k", k, (B, H, K))
-    if v.ndim != 3 or v.shape[0] != B:
-        raise ValueError(f"{name}: v must have shape [B, HV, V] = [{B}, *, *], got "
-                         f"{list(v.shape)}")
-    HV, V = v.shape[1], v.shape[2]
-    if HV % H != 0:
-        raise ValueError(f"{name}: value heads HV={HV} (v.shape[1]) must be a multiple of the "
-                         f"q/k heads H={H} (q.shape[1])")
+    B, H, HV, K, V = check_step_heads(name, q, k, v, state)
     check_shape(name, "g", g, (B, HV, K))
-    check_shape(name, "state", state, (B, HV, K, V))
     scale = K ** -0.5 if scale is None else scale
     o, new_state = gla_step_reference(q, k, v, g, state, scale=scale)
     return o.astype(v.dtype), new_state

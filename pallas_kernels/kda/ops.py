@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.common import check_float, check_heads, check_shape, expand_groups
+from pallas_kernels.common import check_float, check_heads, check_shape, check_step_heads, expand_groups
 from pallas_kernels.common.frame import BenchSpec, Op
 from pallas_kernels.gated_delta.reference import l2norm
 from pallas_kernels.kda.chunked import DEFAULT_CHUNK
@@ -89,20 +89,9 @@ def kda_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False):
     """
     name = _OP + "_step"
     check_float(name, q=q, k=k, v=v, g=g, beta=beta, state=state)
-    if q.ndim != 3:
-        raise ValueError(f"{name}: q must have shape [B, H, K], got {list(q.shape)}")
-    B, H, K = q.shape
-    check_shape(name, "k", k, (B, H, K))
-    if v.ndim != 3 or v.shape[0] != B:
-        raise ValueError(f"{name}: v must have shape [B, HV, V] = [{B}, *, *], got "
-                         f"{list(v.shape)}")
-    HV, V = v.shape[1], v.shape[2]
-    if HV % H != 0:
-        raise ValueError(f"{name}: value heads HV={HV} (v.shape[1]) must be a multiple of the "
-                         f"q/k heads H={H} (q.shape[1])")
+    B, H, HV, K, V = check_step_heads(name, q, k, v, state)
     check_shape(name, "g", g, (B, HV, K))
     check_shape(name, "beta", beta, (B, HV))
-    check_shape(name, "state", state, (B, HV, K, V))
     scale = K ** -0.5 if scale is None else scale
     f32 = jnp.float32
     if use_qk_l2norm:

@@ -43,38 +43,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import expand_groups, pad_axis, segment_masks
+from pallas_kernels.common import (causal_mask, einsum_f32, expand_groups, pad_axis,
+                                   segment_masks)
+from pallas_kernels.common.layout import block_merge, block_split
 
 __all__ = ["simple_gla_chunked", "DEFAULT_CHUNK", "DEFAULT_BLOCK_CHUNKS"]
 
 DEFAULT_CHUNK = 64
 DEFAULT_BLOCK_CHUNKS = 8
-_HI = lax.Precision.HIGHEST
 
 
-def _mm(spec, a, b):
-    return jnp.einsum(spec, a, b, precision=_HI, preferred_element_type=jnp.float32)
-
-
-def _causal(n, strict=False):
-    """[n, n] bool, True where column j <= row i (j < i when strict)."""
-    i = jnp.arange(n)
-    return (i[None, :] < i[:, None]) if strict else (i[None, :] <= i[:, None])
+_mm, _causal = einsum_f32, causal_mask
 
 
 # ----------------------------------------------------------------------------------------------
 # one block of M chunks of one batch row, layout [H, M, C, D]
 # ----------------------------------------------------------------------------------------------
-def _block_split(x, m, c):
-    """[M*C, H, *F] -> [H, M, C, *F]."""
-    x = x.reshape(m, c, *x.shape[1:])
-    return jnp.moveaxis(x, 2, 0)
-
-
-def _block_merge(x):
-    """[H, M, C, *F] -> [M*C, H, *F]."""
-    h, m, c = x.shape[:3]
-    return jnp.moveaxis(x, 0, 2).reshape(m * c, h, *x.shape[3:])
+_block_split, _block_merge = block_split, block_merge
 
 
 def _block_setup(q, k, v, g, doc, reset, m, c, scale):
