@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import mm, mm_nt
+from pallas_kernels.common import tpu_grid
 from pallas_kernels.common.tpu_grid import chunk_spec, head_spec, sequential_params
 from pallas_kernels.gated_delta.chunked import run_kernels
 
@@ -133,15 +134,6 @@ def bwd_call(qgt, pt, w, wt, u, kg, lam, states, do, dfinal, *, interpret=False)
     )(qgt, pt, w, wt, u, kg, lam, states, do, dfinal)
 
 
-def _tile_bytes(shape, itemsize):
-    """Bytes of a VMEM buffer: the last two dims padded to (8, 128) tiles."""
-    *lead, rows, cols = (1, 1) + tuple(shape)
-    n = 1
-    for d in lead:
-        n *= d
-    return n * (-(-rows // 8) * 8) * (-(-cols // LANE) * LANE) * itemsize
-
-
 def vmem_bytes(kernel, C, K, V):
     """VMEM bytes one grid step of ``kernel`` ("fwd" with states, or "bwd") needs: every in/out
     block double-buffered plus the scratch state, read off the traced ``pallas_call``'s own block
@@ -159,17 +151,7 @@ def vmem_bytes(kernel, C, K, V):
                 blk(K, V), blk(C, V), sds((BH, K, V), f32))
     else:
         raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
-    jaxpr = jax.make_jaxpr(fn)(*args)
-    [eqn] = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
-    gm = eqn.params["grid_mapping"]
-    total = 0
-    for bm in gm.block_mappings:
-        shape = [getattr(d, "block_size", 1) if not isinstance(d, int) else d
-                 for d in bm.block_shape]
-        total += 2 * _tile_bytes(shape, bm.array_aval.dtype.itemsize)
-    for aval in gm.scratch_avals:
-        total += _tile_bytes(aval.shape, aval.dtype.itemsize)
-    return total
+    return tpu_grid.vmem_bytes(fn, *args)
 
 
 # --------------------------------------------------------------------------- custom VJP
