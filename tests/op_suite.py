@@ -53,8 +53,10 @@ from pallas_kernels.common.frame import KERNEL_IMPLS
 from tests.tolerance import assert_close
 
 F32 = jnp.float32
-# Lowering from CPU needs the target's device kind (FIELD_NOTES: Mosaic's 1-D blocks, Triton's
-# compute capability); impl -> (platform, device kind, device platform, custom-call marker).
+# Lowering from CPU needs the target's device kind: from a CPU-only jaxlib, Mosaic rejects some
+# block shapes (1-D blocks: "Unsupported TPU device kind: cpu") and jax >= 0.11 asks the GPU's
+# kind for Triton's compute capability, so lowering runs under an abstract mesh of that device.
+# impl -> (platform, device kind, device platform, custom-call marker).
 TARGETS = {"mosaic_tpu": ("tpu", "TPU v5 lite", "tpu", "tpu_custom_call"),
            "triton": ("cuda", "NVIDIA H100 80GB HBM3", "gpu", "__gpu$xla.gpu.triton")}
 _REFERENCE_CACHE: dict = {}
