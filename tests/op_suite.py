@@ -62,6 +62,17 @@ TARGETS = {"mosaic_tpu": ("tpu", "TPU v5 lite", "tpu", "tpu_custom_call"),
 _REFERENCE_CACHE: dict = {}
 
 
+def segments(T, *rows):
+    """segment_ids [len(rows), T]: each row a list of (id, length), the rest padding (0)."""
+    out = np.zeros((len(rows), T), np.int32)
+    for r, spans in enumerate(rows):
+        t = 0
+        for seg_id, n in spans:
+            out[r, t:t + n] = seg_id
+            t += n
+    return jnp.asarray(out)
+
+
 def _is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 

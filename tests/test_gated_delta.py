@@ -16,7 +16,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.gated_delta import gated_delta_rule, gated_delta_rule_step
 from pallas_kernels.gated_delta import tpu as gd_tpu
-from tests.op_suite import OpSuite
+from tests.op_suite import OpSuite, segments
 from tests.tolerance import assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -63,17 +63,6 @@ class TestGatedDelta(OpSuite):
     def case_kwargs(self, dtype):
         # float32 (and the step): the q/k norm and a non-default scale; bfloat16: neither.
         return {"use_qk_l2norm": True, "scale": 0.3} if dtype == "float32" else {}
-
-
-def segments(T, *rows):
-    """segment_ids [len(rows), T]: each row a list of (id, length), the rest padding (0)."""
-    out = np.zeros((len(rows), T), np.int32)
-    for r, spans in enumerate(rows):
-        t = 0
-        for seg_id, n in spans:
-            out[r, t:t + n] = seg_id
-            t += n
-    return jnp.asarray(out)
 
 
 def _vjp_fn(impl, segment_ids, use_qk_l2norm, **extra):

@@ -21,6 +21,7 @@ from jax.experimental import checkify
 from layers.hgrn import HGRN
 from pallas_kernels.hgrn import hgrn, hgrn_step
 from pallas_kernels.hgrn.reference import hgrn_reference
+from tests.op_suite import segments
 from tests.tolerance import assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -41,17 +42,6 @@ def make_inputs(seed, B, T, D, dtype=F32, g_min=None):
         g = rng.uniform(g_min, 0.0, (B, T, D))
     s0 = rng.standard_normal((B, D))
     return jnp.asarray(x, dtype), jnp.asarray(g, dtype), jnp.asarray(s0, F32)
-
-
-def segments(T, *rows):
-    """segment_ids [len(rows), T]: each row a list of (id, length), the rest padding (0)."""
-    out = np.zeros((len(rows), T), np.int32)
-    for r, spans in enumerate(rows):
-        t = 0
-        for seg_id, n in spans:
-            out[r, t:t + n] = seg_id
-            t += n
-    return jnp.asarray(out)
 
 
 # One combined odd-size case per dtype: resets at t = 21 and 40 (inside chunks of 16), padding.
