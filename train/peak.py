@@ -1,0 +1,66 @@
+"""The devices' peak FLOP/s, measured in this process: the denominator of MFU.
+
+A vendor's data-sheet peak says what the silicon could do, not what this process gets (clocks,
+a shared host, thread pinning); MFU against it mixes the model's efficiency with the machine's
+state. The peak here is the FLOP rate of one large matmul, timed where the model runs:
+
+    peak = 2·M·N·K / best_time   (best of `reps` calls after a compile and a warm-up call)
+
+in bfloat16 on GPU/TPU (the dtype of their matrix units) and float32 on CPU, with sizes that keep
+the units busy: [4·8192, 8192] @ [8192, 8192] (4.4 TFLOP) on an accelerator, 2048³ (17 GFLOP) on
+CPU, so the CPU measurement takes well under 2 s even on one core. It is measured once per
+(backend, dtype) and cached.
+
+`measured_peak_flops()` is the peak of all devices: per device × jax.device_count() on GPU/TPU
+(one device is timed, they are alike). On CPU the simulated devices
+(`--xla_force_host_platform_device_count`) share the host's cores, so the host is measured once
+and not multiplied.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["measured_peak_flops", "matmul_flops_per_s"]
+
+_ACCEL_SHAPE = (4 * 8192, 8192, 8192)   # (M, K, N)
+_CPU_SHAPE = (2048, 2048, 2048)
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, dtype, *, reps: int = 5, device=None) -> float:
+    """FLOP/s of one [m, k] @ [k, n] matmul on `device`: 2·m·k·n / the best of `reps` timed
+    calls (after a compile and a warm-up call)."""
+    device = device if device is not None else jax.local_devices()[0]
+    ka, kb = jax.random.split(jax.random.key(0))
+    # Unit-scale entries: no overflow in bf16 and no denormals (slow on CPU) in the products.
+    a = jax.device_put(jax.random.normal(ka, (m, k), dtype), device)
+    b = jax.device_put((jax.random.normal(kb, (k, n), jnp.float32) * k ** -0.5).astype(dtype),
+                       device)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype))
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best
+
+
+@functools.lru_cache(maxsize=None)
+def _peak(backend: str, dtype_name: str, n_devices: int) -> float:
+    if backend == "cpu":
+        return matmul_flops_per_s(*_CPU_SHAPE, jnp.dtype(dtype_name), reps=5)
+    return matmul_flops_per_s(*_ACCEL_SHAPE, jnp.dtype(dtype_name), reps=5) * n_devices
+
+
+def measured_peak_flops(dtype=None) -> float:
+    """Peak FLOP/s of all devices, measured once per process (module docstring). `dtype`:
+    default bfloat16 on GPU/TPU, float32 on CPU."""
+    backend = jax.default_backend()
+    if dtype is None:
+        dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
+    return _peak(backend, jnp.dtype(dtype).name, jax.device_count())
