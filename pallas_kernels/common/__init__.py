@@ -43,7 +43,8 @@ __all__ = [
     "mm_nt",
 ]
 
-IMPLS = ("auto", "reference", "chunked", "xla", "triton", "mosaic_tpu", "mosaic_gpu")
+IMPLS = ("auto", "reference", "chunked", "xla", "blocked", "triton", "mosaic_tpu", "mosaic_gpu",
+         "cudnn")
 
 _AUTO_BY_BACKEND = {"cpu": "chunked", "gpu": "triton", "cuda": "triton", "rocm": "triton",
                     "tpu": "mosaic_tpu"}
