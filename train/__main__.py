@@ -1,6 +1,10 @@
 """Command line: `python -m train [--config configs/lm.py:mixer=gdn,ratio=3] [--workdir runs/x]
 [--config.train.steps=300 ...]`. With no arguments it runs the main job (configs/default.py).
 
+Multi-process: on SLURM, Open MPI or a Cloud TPU pod, start the same command on every host (jax
+reads the process layout from the cluster); by hand, add `--coordinator_address host:port
+--num_processes P --process_id i` on each process (`train.distributed`).
+
 `--fields` prints every config field with its value, allowed values and meaning; `--mixers`
 lists the mixers with their options. Exit codes: 0 done, 1 a bad input or a run that cannot
 go on (one line `error: ...`), 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint
@@ -20,6 +24,7 @@ import configs
 from train.checkpoint import CheckpointError
 from train.cli_config import check_overrides, override_paths
 from train.data import DataError
+from train.distributed import DistributedError
 from zoo.config import ConfigError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "default.py")
@@ -33,6 +38,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                           "ml-collections config file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "where checkpoints and logs go; "
                                "started again on the same workdir, a run resumes")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "multi-process run started by hand: process 0's host:port "
+    "(a free port), the same on every process; default $JAX_COORDINATOR_ADDRESS. Not needed on "
+    "SLURM, Open MPI or a Cloud TPU pod, whose layout jax detects")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process run started by "
+                                      "hand: the number of processes (default: the cluster's)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process run started by hand: "
+                                   "this process's index in [0, num_processes)")
 _FIELDS = flags.DEFINE_bool("fields", False, "print every config field of --config (with the "
                             "overrides applied): value, allowed values, meaning; then exit")
 _MIXERS = flags.DEFINE_bool("mixers", False, "list the mixers usable in model.layer_types / "
@@ -72,9 +85,14 @@ def main(argv):
         return
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     signal.signal(signal.SIGTERM, _interrupted_early)  # before the loop installs its own
-    if os.environ.get("ZOO_DISTRIBUTED"):
-        import jax
-        jax.distributed.initialize()
+    from train.distributed import initialize  # noqa: PLC0415
+    try:  # before anything starts a jax backend
+        where = initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           force=bool(os.environ.get("ZOO_DISTRIBUTED")))  # former switch
+    except (ConfigError, DistributedError) as e:
+        sys.exit(f"error: {e}")
+    if where != "one process":
+        logging.warning("distributed: %s", where)
     from train.guard import NonFiniteError  # noqa: PLC0415
     from train.loop import Interrupted, train_and_evaluate  # noqa: PLC0415
     try:

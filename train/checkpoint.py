@@ -8,6 +8,10 @@ and `meta["tokenizer"]` holds {"type": "hf", "name", "file": "tokenizer.json", "
 run no longer needs the user's file, and a changed copy is detected by its hash.
 Orbax writes into a temporary folder and renames it when complete, so a run killed at any
 moment — mid-save included — resumes from its last complete checkpoint.
+
+Paths are `etils.epath.Path`s, so a workdir may be a bucket (`gs://bucket/run`, with the `gcs`
+extra installed). Several processes: every one calls save/restore (orbax coordinates them, and
+the primary host writes the shared files); the tokenizer file is written by process 0 alone.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 from train.data.tokenizer import tokenizer_from_dict
+from train.paths import workdir_path
 
 __all__ = ["Checkpointer", "CheckpointError", "TOKENIZER_FILE"]
 
@@ -29,11 +35,11 @@ class CheckpointError(ValueError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, *, keep: int = 2, create: bool = True):
-        self.workdir = workdir
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        if not create and not os.path.isdir(self.directory):
-            raise CheckpointError(f"workdir {workdir!r} has no checkpoints folder")
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, create: bool = True):
+        self.workdir = workdir_path(workdir)
+        self.directory = self.workdir / "checkpoints"
+        if not create and not self.directory.is_dir():
+            raise CheckpointError(f"workdir {os.fspath(workdir)!r} has no checkpoints folder")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
@@ -45,18 +51,19 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def store_tokenizer(self, tokenizer) -> dict:
-        """Write the tokenizer file once (atomically) and return its reference for the meta;
-        tokenizers without a file (bytes, ids) are returned as their dict."""
+        """Write the tokenizer file once (atomically, on process 0 only: the workdir is shared)
+        and return its reference for the meta; tokenizers without a file (bytes, ids) are
+        returned as their dict."""
         d = tokenizer.to_dict()
         if d.get("type") != "hf":
             return d
         data = d["json"].encode("utf-8")
-        path = os.path.join(self.directory, TOKENIZER_FILE)
-        if not os.path.exists(path):
-            os.makedirs(self.directory, exist_ok=True)
-            with open(path + ".tmp", "wb") as f:
-                f.write(data)
-            os.replace(path + ".tmp", path)
+        path = self.directory / TOKENIZER_FILE
+        if jax.process_index() == 0 and not path.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(TOKENIZER_FILE + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)  # a reader never sees half a file
         return {"type": "hf", "name": d.get("name", ""), "file": TOKENIZER_FILE,
                 "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -64,11 +71,10 @@ class Checkpointer:
         """The tokenizer a checkpoint's meta refers to (a stored file is checked by its hash)."""
         if "file" not in ref:
             return tokenizer_from_dict(ref)
-        path = os.path.join(self.directory, ref["file"])
-        if not os.path.isfile(path):
+        path = self.directory / ref["file"]
+        if not path.is_file():
             raise CheckpointError(f"the run's tokenizer file {path} is missing")
-        with open(path, "rb") as f:
-            data = f.read()
+        data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != ref["sha256"]:
             raise CheckpointError(f"the run's tokenizer file {path} was changed (sha256 differs "
                                   f"from the one recorded at training time)")

@@ -58,6 +58,7 @@ from train.data import DataError, load_data
 from train.data.synthetic import mqar_train_cells
 from train.loop import evaluate_heldout
 from train.metrics import MetricsWriter
+from train.paths import workdir_path
 from train.recall import recall_accuracy
 from train.restore import Restored, restore_run
 from train.tasks import MQAR_SUITE, MqarSpec, make_mqar, make_passkey_prompt
@@ -454,15 +455,15 @@ def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file
     prompt_list = _gather_prompts(prompts, prompts_file)
     if data_files:
         _check_data_files(data_files)
-    if not os.path.isdir(workdir):
-        raise CheckpointError(f"--workdir {workdir!r} does not exist")
+    if not workdir_path(workdir).is_dir():
+        raise CheckpointError(f"--workdir {os.fspath(workdir)!r} does not exist")
     r = restore_run(workdir, step)
     if r.tokenizer.to_dict()["type"] == "ids":
         tasks = tuple(t for t in tasks if t != "passkey") if tasks == TASKS else tasks
     check_tasks(r, tasks, mqar_file, cells)
     texts, ids = _encode_prompts(r, prompt_list) if "generate" in tasks else ([], [])
     ppl = _load_ppl_input(r, data_files) if "ppl" in tasks else None
-    path = os.path.join(workdir, "eval", f"step_{r.step}.json")
+    path = workdir_path(workdir) / "eval" / f"step_{r.step}.json"
     _read_results(path)  # a damaged results file is reported now, not after the tasks
     batch_size = int(batch_size or r.config.train.batch_size)
     max_batches = int(max_batches or r.config.train.eval_batches)
@@ -489,13 +490,12 @@ def run_eval(workdir: str, *, step=None, tasks=TASKS, data_files=None, mqar_file
     return {"step": r.step, **results, **info}
 
 
-def _read_results(path: str) -> dict:
-    """The results of earlier runs at this step ({} when there are none)."""
-    if not os.path.exists(path):
+def _read_results(path) -> dict:
+    """The results of earlier runs at this step ({} when there are none); `path`: epath.Path."""
+    if not path.exists():
         return {}
     try:
-        with open(path) as f:
-            old = json.load(f)
+        old = json.loads(path.read_text())
         if not isinstance(old, dict) or not isinstance(old.get("sources", {}), dict):
             raise ValueError("not a JSON object with a 'sources' mapping")
     except (OSError, ValueError) as e:
@@ -504,7 +504,7 @@ def _read_results(path: str) -> dict:
     return old
 
 
-def _report(path: str, step: int, results: dict, info: dict) -> None:
+def _report(path, step: int, results: dict, info: dict) -> None:
     """Print this call's table, merge it into `path` (same key: replaced), write TB scalars."""
     width = max([10] + [len(t) for t in results])
     print(f"{'task':{width}s} {'metric':24s} {'value':>12s}")
@@ -518,12 +518,11 @@ def _report(path: str, step: int, results: dict, info: dict) -> None:
     # Task entries first, then the info keys, so the file reads top-down.
     merged = {"step": step, **{k: v for k, v in merged.items() if k not in INFO_KEYS},
               **{k: merged[k] for k in INFO_KEYS[1:] if k in merged}}
-    out_dir = os.path.dirname(path)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(merged, f, indent=1)
-    os.replace(tmp, path)  # a reader never sees half a file
+    out_dir = path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)  # a reader never sees half a file
     writer = MetricsWriter(out_dir, subdir="tb", jsonl="scalars.jsonl", resume_step=10 ** 12)
     writer.write(step, {f"{t}/{k}": v for t, m in results.items() for k, v in m.items()})
     writer.close()

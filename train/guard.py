@@ -10,8 +10,6 @@ checkpoint at or before it.
 
 from __future__ import annotations
 
-import os
-
 import jax
 
 __all__ = ["NonFiniteError", "SkippedUpdates"]
@@ -56,7 +54,7 @@ class SkippedUpdates:
                                   "grad_finite": float(grad_ok)})
         if self.streak >= self.limit:
             good = [s for s in self.ckpt.all_steps() if s <= self.last_good]
-            where = (os.path.join(self.ckpt.workdir, "checkpoints", str(good[-1])) if good
+            where = (str(self.ckpt.directory / str(good[-1])) if good
                      else "none (no checkpoint before the first skipped step)")
             raise NonFiniteError(
                 f"step {step}: {self.streak} updates in a row skipped for a non-finite "
