@@ -1,12 +1,25 @@
 """Public causal softmax attention: checks, masks, and the one place `impl` is resolved.
 
     attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_positions=None,
-              kv_positions=None, window=None, impl="auto") -> o
+              kv_positions=None, window=None, kv_sinks=0, impl="auto") -> o
 
 Without positions, query i and key i are both at position i (training / prefill from scratch,
 Tq == Tk). With a cache, the layer passes absolute positions: queries align to the end of each
 row's valid keys, rows may have different lengths, and a ring buffer may hold keys in any slot
 order (kv_positions = −1 marks an empty slot). See `reference.py` for the math.
+
+Implementations:
+  * "reference" (float32, dense) and "xla" (`jax.nn.dot_product_attention`, dense) take the
+    [B, Tq, Tk] visibility mask, built here for them only: O(T²) memory.
+  * "blocked" (`blocked.py`): flash-style plain JAX with its own backward, O(T·block) memory;
+    every form (packing, window, sinks, caches). "auto" gives it on CPU, for float32, and for
+    every form the kernels below do not take.
+  * "mosaic_tpu" (`tpu.py`): jax's splash attention, per (batch, head) shard. "auto" on TPU for
+    bf16/fp16 self-attention (no positions, no sinks).
+  * "cudnn" (`gpu.py`): jax's cuDNN fused attention with packed q/kv offsets, bf16/fp16 on
+    Hopper+. "auto" on such a GPU for bf16/fp16 self-attention within cuDNN's head-dim limits.
+The cached / sink forms (positions, kv_sinks or separate kv_segment_ids) given to "mosaic_tpu"
+or "cudnn" run through "blocked": neither kernel takes per-token positions.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.attention.blocked import attention_blocked
 from pallas_kernels.attention.reference import attention_mask, attention_reference
 from pallas_kernels.attention.xla import attention_xla
 from pallas_kernels.common import check_float, check_segment_ids, check_shape
@@ -21,9 +35,12 @@ from pallas_kernels.common.frame import BenchSpec, Op
 
 __all__ = ["OP", "attention", "attention_mask"]
 
+_HALF = (jnp.bfloat16, jnp.float16)
+
 
 # The op frame's contract: fn(q, k, v, *, initial_state, segment_ids, output_final_state,
-# **static) -> (o, None); attention has no recurrent state, its mask is built in `attention`.
+# **static) -> (o, None); attention has no recurrent state. The dense impls take the mask built
+# in `attention`; the others take positions and segment ids and build theirs per block.
 def _reference(q, k, v, *, initial_state=None, segment_ids=None, output_final_state=False,
                mask, scale, plain_causal, window):
     return attention_reference(q, k, v, mask, scale), None
@@ -34,6 +51,12 @@ def _xla(q, k, v, *, initial_state=None, segment_ids=None, output_final_state=Fa
     return attention_xla(q, k, v, mask, scale, plain_causal=plain_causal, window=window), None
 
 
+def _blocked(q, k, v, *, initial_state=None, segment_ids=None, output_final_state=False,
+             q_positions, kv_positions, kv_segment_ids, scale, window, kv_sinks):
+    return attention_blocked(q, k, v, q_positions, kv_positions, segment_ids, kv_segment_ids,
+                             scale=scale, window=window, kv_sinks=kv_sinks), None
+
+
 def _bench_inputs(key, B, T, H, D):
     """q, k, v [B, T, H, D] standard normal (no grouping, no window)."""
     ks = jax.random.split(key, 3)
@@ -42,10 +65,34 @@ def _bench_inputs(key, B, T, H, D):
 
 OP = Op("attention",
         impls={"reference": "pallas_kernels.attention.ops:_reference",
-               "xla": "pallas_kernels.attention.ops:_xla"},
-        fallback="xla",
-        bench=BenchSpec(inputs=_bench_inputs, lengths=(1024, 4096), impls=("xla", "reference")))
+               "xla": "pallas_kernels.attention.ops:_xla",
+               "blocked": "pallas_kernels.attention.ops:_blocked",
+               "cudnn": "pallas_kernels.attention.gpu:attention_cudnn_entry",
+               "mosaic_tpu": "pallas_kernels.attention.tpu:attention_splash_entry"},
+        fallback="blocked",
+        bench=BenchSpec(inputs=_bench_inputs, lengths=(1024, 4096),
+                        impls=("blocked", "xla", "reference")))
 _OP = OP.name
+
+
+def _choose(impl: str, q, k, v, self_attention: bool) -> str:
+    """The implementation that runs. `OP.resolve` maps "auto" to the backend's kernel
+    ("mosaic_tpu" on TPU) or "blocked"; here "auto" keeps the TPU kernel for bf16/fp16
+    self-attention only and takes cuDNN on a Hopper+ GPU for the same, and the cached / sink
+    forms of an explicit kernel run through "blocked" (module docstring)."""
+    name = OP.resolve(impl)
+    half = q.dtype in _HALF
+    if impl == "auto":
+        if name == "mosaic_tpu" and not (half and self_attention):
+            return "blocked"
+        if name == "blocked" and half and self_attention and jax.default_backend() == "gpu":
+            from pallas_kernels.attention.gpu import cudnn_supported
+            if cudnn_supported(q, k, v):
+                return "cudnn"
+        return name
+    if name in ("mosaic_tpu", "cudnn") and not self_attention:
+        return "blocked"
+    return name
 
 
 @OP.entry
@@ -67,10 +114,15 @@ def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_p
         raise ValueError(f"{_OP}: q heads ({hq}) must be a multiple of k/v heads ({hkv})")
     if window is not None and window < 1:
         raise ValueError(f"{_OP}: window must be a positive int or None, got {window}")
+    if not isinstance(kv_sinks, int) or kv_sinks < 0:
+        raise ValueError(f"{_OP}: kv_sinks must be a non-negative int, got {kv_sinks!r}")
     scale = d ** -0.5 if scale is None else scale
     OP.resolve(impl)
 
-    plain = segment_ids is None and q_positions is None and kv_positions is None and not kv_sinks
+    # Self-attention of packed documents: what the fused kernels take.
+    self_attention = (q_positions is None and kv_positions is None and not kv_sinks
+                      and kv_segment_ids is None)
+    plain = self_attention and segment_ids is None
     if q_positions is None:
         if tq != tk:
             raise ValueError(f"{_OP}: q_positions/kv_positions are required when Tq ({tq}) != Tk ({tk})")
@@ -88,6 +140,19 @@ def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_p
         kv_segment_ids = segment_ids
     check_segment_ids(_OP, kv_segment_ids, b, tk)
 
-    mask = attention_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, window, kv_sinks)
-    o, _ = OP.run(impl, (q, k, v), mask=mask, scale=scale, plain_causal=plain, window=window)
+    name = _choose(impl, q, k, v, self_attention)
+    if name in ("reference", "xla"):
+        mask = attention_mask(q_positions, kv_positions, segment_ids, kv_segment_ids, window,
+                              kv_sinks)
+        o, _ = OP.run(name, (q, k, v), mask=mask, scale=scale, plain_causal=plain, window=window)
+    elif name == "blocked":
+        o, _ = OP.run(name, (q, k, v), segment_ids=segment_ids, q_positions=q_positions,
+                      kv_positions=kv_positions, kv_segment_ids=kv_segment_ids, scale=scale,
+                      window=window, kv_sinks=kv_sinks)
+    else:
+        # cudnn partitions itself (jax's custom partitioning); splash shards over batch AND
+        # heads itself, so neither goes through Op.run's batch-only shard_map.
+        fn = OP.implementation(name)
+        o, _ = fn(q, k, v, segment_ids=None if plain else segment_ids, scale=scale,
+                  window=window)
     return o
