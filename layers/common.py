@@ -36,8 +36,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.partitioning import constrain
+
 __all__ = [
     "make_param",
+    "Constant",
+    "make_constant",
     "Linear",
     "RMSNorm",
     "GatedRMSNorm",
@@ -63,6 +67,24 @@ def make_param(rngs: nnx.Rngs | None, init: Initializer | jax.Array, shape: Sequ
     # `logical_axes` (not flax's own sharding metadata): sharding is applied by the rule table in
     # train/sharding.py, never by flax at construction time.
     return nnx.Param(value, logical_axes=tuple(axes), no_decay=no_decay)
+
+
+class Constant(nnx.Variable):
+    """A fixed array of the architecture stored as state, not a parameter (never trained).
+
+    Per-layer constants (e.g. Lightning's decay from its depth) live here rather than as static
+    Python attributes so that all repeats of a layer group share one graphdef and their constants
+    can be stacked and scanned over (zoo/model.py). The optimizer leaves them alone
+    (`train.sharding.trainable_mask`); layers read them through `jax.lax.stop_gradient`, so their
+    gradient is exactly zero as well."""
+
+
+def make_constant(value, axes: Sequence[str | None]) -> Constant:
+    """A float32 constant tagged like a parameter (logical axes, excluded from weight decay)."""
+    value = jnp.asarray(value, jnp.float32)
+    if len(axes) != value.ndim:
+        raise ValueError(f"make_constant: axes {tuple(axes)} do not match shape {value.shape}")
+    return Constant(value, logical_axes=tuple(axes), no_decay=True)
 
 
 class Linear(nnx.Module):
@@ -152,7 +174,10 @@ class SwiGLU(nnx.Module):
         return sum(p.flops_per_token() for p in (self.gate, self.up, self.down))
 
     def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        h = jax.nn.silu(self.gate(x)) * self.up(x)                            # [B, T, d_hidden]
+        # the hidden layer split over the tensor axis like gate/up's output columns
+        h = constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("mlp",)) if h.ndim >= 2 else h
+        return self.down(h)
 
 
 def rotary_embedding(x, positions, *, theta: float = 10000.0, fraction: float = 1.0):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.common import Linear, RMSNorm
+from layers.common import Linear, RMSNorm, make_constant
 from pallas_kernels.common.frame import sequence_or_step
 from pallas_kernels.simple_gla import simple_gla, simple_gla_step
 
@@ -57,8 +57,10 @@ class Lightning(nnx.Module):
         if d_model % num_heads:
             raise ValueError(f"Lightning: d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         self.h, self.d = num_heads, d_model // num_heads
-        # [H] constant log decays, kept as Python floats (static, not a parameter)
-        self.decay = tuple(float(x) for x in lightning_decay(num_heads, layer_idx, n_layers, decay_rule))
+        # [H] constant log decays: state (a Constant, not a Param), so that layers of different
+        # depth share one graphdef and a scanned stack of them holds [R, H] decays
+        self.decay = make_constant(lightning_decay(num_heads, layer_idx, n_layers, decay_rule),
+                                   (None,))
         self.impl, self.dtype = impl, dtype
         lin = lambda: Linear(d_model, d_model, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
         self.q_proj, self.k_proj, self.v_proj, self.u_proj = lin(), lin(), lin(), lin()
@@ -85,7 +87,7 @@ class Lightning(nnx.Module):
         q = jax.nn.silu(self.q_proj(x)).reshape(shape)
         k = jax.nn.silu(self.k_proj(x)).reshape(shape)
         v = self.v_proj(x).reshape(shape)
-        g = jnp.broadcast_to(jnp.asarray(self.decay, jnp.float32), (b, t, self.h))
+        g = jnp.broadcast_to(jax.lax.stop_gradient(self.decay[...]), (b, t, self.h))
         o, state = sequence_or_step(simple_gla, simple_gla_step, q, k, v, g,
                                     state=None if cache is None else cache["state"],
                                     segment_ids=segment_ids, impl=self.impl, scale=1.0)

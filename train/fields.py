@@ -27,7 +27,7 @@ from train.data.corpus import SOURCE_FIELDS
 from train.data.synthetic import MQAR_FIELDS
 from pallas_kernels.common import IMPLS
 from train.state import normalize_layer_types
-from zoo.config import ConfigError, hybrid_pattern
+from zoo.config import DTYPES, REMAT_POLICIES, ConfigError, hybrid_pattern
 from zoo.registry import OPTIONAL_MODEL_FIELDS, known_mixers, mixer_info
 
 __all__ = ["FIELDS", "Field", "check_config", "describe_fields"]
@@ -87,11 +87,15 @@ FIELDS: tuple[Field, ...] = (
     F("model.rope_theta", "float", "rotary embedding base of attention layers", lo=0,
       lo_open=True),
     F("model.tie_embeddings", "bool", "share the input embedding with the output head"),
-    F("model.dtype", "str", "compute dtype (parameters stay float32)",
-      choices=("float32", "bfloat16")),
+    F("model.dtype", "str", "compute dtype (parameters stay float32); auto = bfloat16 on GPU/TPU, "
+      "float32 on CPU", choices=DTYPES),
     F("model.impl", "str", "op implementation of every layer; auto = the backend's kernel",
       choices=IMPLS),
-    F("model.remat", "bool", "recompute each block in the backward pass (saves activations)"),
+    F("model.remat", "str", "per-block recompute in the backward pass: none (save everything), "
+      "save_dots (keep projection outputs, recompute the rest), full (keep block inputs only)",
+      choices=REMAT_POLICIES),
+    F("model.scan_layers", "bool", "a periodic layer_types runs as one group scanned over its "
+      "repeats (compile time flat in depth; parameters stacked over a 'layers' axis)"),
     F("model.mixer_options", "dict", "per-mixer layer options, {'gdn': {'expand_v': 2}} "
       "(`--mixers` lists them)"),
     # data

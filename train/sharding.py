@@ -3,9 +3,10 @@
 The mesh has named axes ("data", "fsdp", "tensor") with Auto axis types: `jax.make_mesh`
 defaults to Explicit types since jax 0.10, under which an fsdp/tensor-sharded `x @ w` is
 rejected at trace time instead of being resharded by XLA. Parameters carry logical axis names in their
-metadata (layers/common.make_param); `RULES` maps each name to a mesh axis. A dimension that the
-mesh axis does not divide stays replicated, so every preset runs on every mesh. The batch is
-split over ("data", "fsdp").
+metadata (layers/common.make_param); `RULES` (= `layers.partitioning.PARAM_RULES`, the one rule
+table, with the activations' ACTIVATION_RULES beside it) maps each name to a mesh axis. A
+dimension that the mesh axis does not divide stays replicated, so every preset runs on every
+mesh. The batch is split over ("data", "fsdp").
 """
 
 from __future__ import annotations
@@ -17,20 +18,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-__all__ = ["MESH_AXES", "RULES", "make_mesh", "param_specs", "param_axes", "no_decay_mask",
-           "batch_sharding", "replicated", "to_global"]
+from layers.partitioning import (ACTIVATION_RULES, BATCH_MESH_AXES, PARAM_RULES, constrain,
+                                 spec_for)
+
+__all__ = ["MESH_AXES", "RULES", "PARAM_RULES", "ACTIVATION_RULES", "constrain", "make_mesh",
+           "param_specs", "param_axes", "no_decay_mask", "trainable_mask", "batch_sharding",
+           "replicated", "to_global"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = BATCH_MESH_AXES
 
-# logical axis name -> mesh axis (names absent here are replicated)
-RULES: dict[str, str] = {
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-}
+# logical axis name -> mesh axis (names absent here are replicated); kept under its old name
+RULES = PARAM_RULES
 
 
 _SIMULATE_HINT = ("; on a CPU, simulate N devices with "
@@ -78,16 +77,16 @@ def no_decay_mask(state: nnx.State) -> dict:
     return nnx.to_pure_dict(tree)
 
 
+def trainable_mask(state: nnx.State) -> dict:
+    """Pure dict of bools: True for `nnx.Param` leaves, False for the constants stored beside
+    them (`layers.common.Constant`, e.g. Lightning's per-layer decays), which must not move."""
+    tree = jax.tree.map(lambda v: isinstance(v, nnx.Param), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree)
+
+
 def _spec(axes: tuple, shape: tuple, mesh) -> P:
-    used, out = set(), []
-    for name, dim in zip(axes, shape):
-        axis = RULES.get(name) if name is not None else None
-        if axis is None or axis in used or dim % mesh.shape[axis]:
-            out.append(None)
-        else:
-            used.add(axis)
-            out.append(axis)
-    return P(*out)
+    return spec_for(axes, shape, PARAM_RULES, dict(mesh.shape))
 
 
 def param_specs(axes_tree: dict, shapes_tree: dict, mesh) -> dict:

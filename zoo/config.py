@@ -6,7 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-__all__ = ["ModelConfig", "ConfigError", "hybrid_pattern"]
+__all__ = ["ModelConfig", "ConfigError", "hybrid_pattern", "layer_period", "DTYPES",
+           "REMAT_POLICIES"]
+
+# "auto": bfloat16 compute on GPU/TPU, float32 on CPU (resolved in ModelConfig.resolved)
+DTYPES = ("float32", "bfloat16", "auto")
+# in order of activation memory saved (zoo/model.py maps each to a jax.checkpoint policy)
+REMAT_POLICIES = ("none", "save_dots", "full")
 
 
 class ConfigError(ValueError):
@@ -31,6 +37,13 @@ def hybrid_pattern(n_layers: int, mixer: str, ratio: int, attention: str = "attn
                           f"n_layers={n_layers}; allowed ratios for {n_layers} layers: "
                           f"{[r for r in range(n_layers) if n_layers % (r + 1) == 0]}")
     return tuple(attention if (i + 1) % (ratio + 1) == 0 else mixer for i in range(n_layers))
+
+
+def layer_period(layer_types: tuple[str, ...]) -> int:
+    """The smallest p with layer_types == layer_types[:p] * (n / p) (n itself when none is)."""
+    n = len(layer_types)
+    return next(p for p in range(1, n + 1)
+                if n % p == 0 and tuple(layer_types[:p]) * (n // p) == tuple(layer_types))
 
 
 def _freeze(options) -> tuple:
@@ -60,9 +73,10 @@ class ModelConfig:
     window: int = 256                # sliding window of `swa` layers
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
-    dtype: str = "float32"           # compute dtype; parameters stay float32
+    dtype: str = "auto"              # compute dtype (DTYPES); parameters stay float32
     impl: str = "auto"               # op implementation passed to every layer
-    remat: bool = False
+    remat: str = "none"              # REMAT_POLICIES: what each block saves for the backward
+    scan_layers: bool = False        # periodic layer_types: one group module, lax.scan over repeats
     # ((mixer, ((option, value), ...)), ...): a frozen mapping, so the config (and the model's
     # graphdef) stays hashable for jit's static arguments.
     mixer_options: tuple = ()
@@ -78,6 +92,8 @@ class ModelConfig:
             kw["layer_types"] = tuple(kw["layer_types"])
         if "mixer_options" in kw:
             kw["mixer_options"] = _freeze(kw["mixer_options"])
+        if isinstance(kw.get("remat"), bool):    # configs written when remat was a bool
+            kw["remat"] = "full" if kw["remat"] else "none"
         return cls(**kw).resolved()
 
     def resolved(self) -> "ModelConfig":
@@ -96,8 +112,12 @@ class ModelConfig:
         if self.num_heads % kv:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
                               f"model.num_kv_heads ({kv})")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"model.dtype must be one of ('float32', 'bfloat16'), got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"model.scan_layers must be a bool, got {self.scan_layers!r}")
         layer_types = self.layer_types
         if not layer_types:
             if self.mixer not in mixers:
@@ -114,7 +134,8 @@ class ModelConfig:
                 raise ConfigError(f"model.mixer_options: unknown mixer {name!r}; known: {mixers}")
         d_ff = self.d_ff or -(-int(self.d_model * 8 / 3) // 64) * 64
         return dataclasses.replace(self, num_kv_heads=kv, head_dim=self.head_dim or self.d_model // self.num_heads,
-                                   d_ff=d_ff, layer_types=tuple(layer_types))
+                                   d_ff=d_ff, layer_types=tuple(layer_types),
+                                   dtype=_resolve_dtype(self.dtype))
 
     def options(self, mixer: str, allowed=None) -> dict:
         """The user's options for ``mixer``; with ``allowed`` (names), an unknown one is an error
@@ -125,3 +146,12 @@ class ModelConfig:
             raise ConfigError(f"model.mixer_options[{mixer!r}]: unknown option(s) {unknown}; "
                               f"allowed: {sorted(allowed)}")
         return opts
+
+
+def _resolve_dtype(dtype: str) -> str:
+    """"auto" -> "bfloat16" on GPU/TPU (their matmul units run bf16 at full rate), else
+    "float32" (CPUs gain nothing from bf16 and tests compare against float32 references)."""
+    if dtype != "auto":
+        return dtype
+    import jax  # late: the config module is imported before any backend is chosen
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "float32"
