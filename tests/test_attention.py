@@ -1,4 +1,6 @@
-"""Softmax attention: the op's XLA path against the reference, and the layer's cache."""
+"""Softmax attention: every implementation against the reference, and the layer's cache."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,11 @@ from flax import nnx
 
 from layers.attention import Attention
 from pallas_kernels.attention import attention
+from pallas_kernels.attention import blocked as blocked_lib
+from pallas_kernels.attention.gpu import segment_offsets
+from pallas_kernels.attention.memory import fwd_bwd_memory
+from pallas_kernels.attention.tpu import attention_splash
+from tests.op_suite import TARGETS, segments
 from tests.tolerance import assert_close
 
 
@@ -146,3 +153,181 @@ def test_conv_size_0_is_plain_attention_and_the_conv_only_adds():
 def test_conv_size_must_be_a_non_negative_int():
     with pytest.raises(ValueError, match="conv_size"):
         Attention(32, num_heads=4, conv_size=-1, rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------------------------------
+# Memory-efficient paths: "blocked" (every backend), splash ("mosaic_tpu"), cuDNN ("cudnn").
+
+
+_F32_TOL = 1e-5  # blocked vs reference in float32: same math, reordered sums
+# The blocked form's loops take seconds to compile at the default level; numerics are the same.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _close(got, want, dtype, kind="out", name=""):
+    if dtype == jnp.float32:
+        w = np.asarray(want, np.float32)
+        scale = max(1.0, float(np.abs(w).max()))
+        np.testing.assert_allclose(np.asarray(got, np.float32), w, atol=_F32_TOL * scale,
+                                   rtol=_F32_TOL, err_msg=name)
+    else:
+        assert_close(got, want, dtype, kind=kind, name=name)
+
+
+def _vjp_both(f_got, f_want, args, seed=7):
+    """(output, input cotangents) of both functions for one random output cotangent, in one
+    jitted program."""
+    def both(args, ct):
+        out = []
+        for f in (f_got, f_want):
+            o, vjp = jax.vjp(f, *args)
+            out.append((o, vjp(ct)))
+        return out
+
+    shape = jax.eval_shape(f_want, *args)
+    ct = jax.random.normal(jax.random.key(seed), shape.shape).astype(shape.dtype)
+    return _jit(both)(args, ct)
+
+
+def _qkv_dv(b, tq, tk, hq, hkv, d, dv, dtype, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (b, tq, hq, d)).astype(dtype),
+            jax.random.normal(ks[1], (b, tk, hkv, d)).astype(dtype),
+            jax.random.normal(ks[2], (b, tk, hkv, dv)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype,window", [(jnp.float32, None), (jnp.bfloat16, 5)])
+def test_blocked_matches_reference(dtype, window):
+    """Packing (a reset inside a block, trailing padding), GQA 4:2, Dv != D, T = 37 not a multiple
+    of the blocks (8 x 16): output and dq, dk, dv."""
+    q, k, v = _qkv_dv(2, 37, 37, 4, 2, 8, 6, dtype)
+    seg = segments(37, [(1, 10), (2, 20)], [(1, 37)])
+    kw = dict(segment_ids=seg, window=window)
+    blk = functools.partial(blocked_lib.attention_blocked, block_q=8, block_kv=16)
+    pos = jnp.broadcast_to(jnp.arange(37), (2, 37))
+    f_got = lambda q, k, v: blk(q, k, v, pos, pos, seg, seg, scale=8 ** -0.5, window=window)
+    f_want = lambda q, k, v: attention(q, k, v, impl="reference", **kw)
+    (o, grads), (o_ref, grads_ref) = _vjp_both(f_got, f_want, (q, k, v))
+    assert o.dtype == dtype and all(g.dtype == dtype for g in grads)
+    _close(o, o_ref, dtype, name="o")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        _close(g, g_ref, dtype, kind="grad", name=f"d{name}")
+    assert np.all(np.asarray(o[0, 30:], np.float32) == 0), "padding rows must output 0"
+    assert np.all(np.asarray(grads[1][0, 30:], np.float32) == 0), "padding keys get no gradient"
+
+
+def test_blocked_cached_form_with_sinks_and_ring_buffer():
+    """Tq != Tk: 2 sinks, a ring buffer of 5 slots in slot order (one empty, -1), then 3 new
+    tokens; rows of different lengths (row 1: one new token and padding); window 4."""
+    q, k, v = _qkv_dv(2, 3, 10, 4, 2, 8, 8, jnp.float32, seed=1)
+    ring = [[7, 8, 4, 5, 6], [2, -1, 0, 1, 3]]  # positions held in the 5 slots
+    kv_pos = jnp.array([[0, 0] + ring[0] + [9, 10, 11], [0, 0] + ring[1] + [4, -1, -1]])
+    q_pos = jnp.array([[9, 10, 11], [4, 5, 6]])
+    q_seg = jnp.array([[1, 1, 1], [1, 0, 0]])
+    kv_seg = (kv_pos >= 0).astype(jnp.int32)
+    kw = dict(segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos, kv_positions=kv_pos,
+              window=4, kv_sinks=2)
+    f_got = lambda q, k, v: blocked_lib.attention_blocked(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, scale=8 ** -0.5, window=4, kv_sinks=2,
+        block_q=2, block_kv=3)
+    f_want = lambda q, k, v: attention(q, k, v, impl="reference", **kw)
+    (o, grads), (o_ref, grads_ref) = _vjp_both(f_got, f_want, (q, k, v))
+    _close(o, o_ref, jnp.float32, name="o")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        _close(g, g_ref, jnp.float32, name=f"d{name}")
+    assert np.all(np.asarray(o[1, 1:]) == 0)
+    # The public op: "auto" and the kernels' names run this form through blocked (same program).
+    jaxpr = lambda impl: str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, impl=impl, **kw))(
+        q, k, v))
+    assert jaxpr("auto") == jaxpr("blocked") == jaxpr("cudnn") == jaxpr("mosaic_tpu")
+
+
+def test_blocked_live_block_table():
+    """Which (q block, kv block) pairs are visited: causal, window, packing, sinks."""
+    def live(seg, window=None, sinks=0, bs=4):
+        seg = jnp.asarray(seg, jnp.int32)[None]
+        pos = jnp.arange(seg.shape[1])[None]
+        rows = lambda x, fill: blocked_lib._row_blocks(x, bs, fill)
+        table = blocked_lib._live_blocks(rows(pos, 0), rows(seg, 0), rows(pos, -1),
+                                         rows(seg, 0), bs, window, sinks)
+        return np.asarray(table).astype(int).tolist()
+
+    ones = [1] * 16
+    assert live(ones) == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert live(ones, window=3) == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    assert live(ones, window=3, sinks=1) == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0],
+                                             [1, 0, 1, 1]]
+    # Documents [0, 6), [6, 12), padding: the second document skips block 0, padding is dead.
+    assert live([1] * 6 + [2] * 6 + [0] * 4) == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0],
+                                                 [0, 0, 0, 0]]
+
+
+def test_auto_is_blocked_on_cpu_and_builds_no_dense_mask():
+    """Traced only: T = 600 is more than one 512-block, so no [B, T, T] mask may appear."""
+    q, k, v = jax.eval_shape(lambda: _qkv(2, 600, 4, 2, 8, jnp.float32))
+    seg = segments(600, [(1, 300), (2, 200)], [(1, 600)])
+    jaxpr = lambda impl: str(jax.make_jaxpr(
+        lambda q, k, v: attention(q, k, v, segment_ids=seg, impl=impl))(q, k, v))
+    auto = jaxpr("auto")
+    assert auto == jaxpr("blocked")
+    assert "bool[2,600,600]" not in auto and "bool[2,600,600]" in jaxpr("reference")
+
+
+def test_blocked_memory_is_a_fraction_of_dense():
+    """Compiled fwd + bwd temporaries at B1 T2048 H2 D64 (T=8192 H16 D128: memory.py's
+    docstring): the blocked form holds 512 x 512 tiles, the dense one [H, T, T] scores."""
+    kw = dict(B=1, T=2048, H=2, D=64, dtype=jnp.float32)
+    blocked, dense = fwd_bwd_memory("blocked", **kw), fwd_bwd_memory("xla", **kw)
+    assert blocked["temp_bytes"] * 4 <= dense["temp_bytes"], (blocked, dense)
+
+
+def test_block_sizes_are_checked():
+    q, k, v = _qkv(1, 4, 2, 2, 8, jnp.float32)
+    pos = jnp.arange(4)[None]
+    with pytest.raises(ValueError, match="block_q must be a positive int"):
+        blocked_lib.attention_blocked(q, k, v, pos, pos, pos, pos, scale=1.0, block_q=0)
+
+
+def test_splash_interpret_matches_reference():
+    """Splash attention in Pallas interpret mode: packing with padding, GQA, a window, T = 200
+    padded to 256 (forward; its backward is the library's own kernels)."""
+    q, k, v = _qkv(2, 200, 4, 2, 64, jnp.float32)
+    seg = segments(200, [(1, 50), (2, 130)], [(1, 200)])
+    got = jax.jit(lambda q, k, v: attention_splash(q, k, v, seg, scale=0.125, window=33,
+                                                   interpret=True))(q, k, v)
+    want = attention(q, k, v, segment_ids=seg, window=33, impl="reference")
+    _close(got, want, jnp.float32)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 2)], ids=["one-device", "data2-tensor2"])
+def test_splash_lowers_for_tpu(mesh_shape):
+    """Forward + backward of impl="mosaic_tpu" lowered for TPU from CPU (bf16, packing); on a
+    2 x 2 abstract mesh the kernels run inside shard_map over batch and heads."""
+    platform, kind, device_platform, marker = TARGETS["mosaic_tpu"]
+    q, k, v = jax.eval_shape(lambda: _qkv(4, 256, 4, 2, 128, jnp.bfloat16))
+    seg = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+
+    def fwd_bwd(q, k, v, seg):
+        f = lambda q, k, v: attention(q, k, v, segment_ids=seg, impl="mosaic_tpu")
+        return jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    mesh = jax.sharding.AbstractMesh(mesh_shape, ("data", "tensor"),
+                                     abstract_device=jax.sharding.AbstractDevice(
+                                         device_kind=kind, num_cores=1, platform=device_platform))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fwd_bwd).trace(q, k, v, seg).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(marker) >= 3, "forward, dq and dkv kernels"
+    if mesh_shape != (1, 1):
+        assert "sdy.manual_computation" in text or "shard_map" in text
+
+
+def test_cudnn_offsets_and_errors_off_gpu():
+    seg = segments(8, [(1, 3), (2, 1), (3, 2)], [(5, 8)], [])
+    offsets, lengths = segment_offsets(seg, 4)
+    assert offsets.tolist() == [[0, 3, 4, -1, -1], [0, -1, -1, -1, -1], [-1] * 5]
+    assert lengths.tolist() == [[3, 1, 2, -1], [8, -1, -1, -1], [-1] * 4]
+    q, k, v = _qkv(1, 8, 2, 2, 8, jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="cudnn' runs on a CUDA GPU only"):
+        attention(q, k, v, impl="cudnn")
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="cudnn")

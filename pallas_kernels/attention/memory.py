@@ -7,6 +7,10 @@ The program is the VJP of q, k and v for a given cotangent (what a training step
 for the default backend from abstract inputs (`jax.ShapeDtypeStruct`): nothing is allocated,
 and XLA's `memory_analysis()` reports the temporary buffers — where the dense [B, H, T, T]
 scores of "xla"/"reference" show up and the blocked form's per-block tiles do.
+
+Measured on CPU (jax 0.10.2), B=1, H=16, D=128, T=8192, plain causal, temp bytes:
+    float32:  blocked 429 MiB, xla (dense) 12481 MiB  (1/29)
+    bfloat16: blocked 545 MiB, xla (dense) 12608 MiB  (1/23)
 """
 
 from __future__ import annotations
