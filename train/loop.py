@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from train.checkpoint import Checkpointer
 from train.data import load_data
+from train.distributed import check_batch_axes
 from train.fields import check_config
 from train.guard import SkippedUpdates
 from train.interrupt import Interrupted, StopFlag
@@ -38,11 +39,16 @@ __all__ = ["train_and_evaluate", "evaluate_heldout", "resolve_config", "Interrup
 
 
 def evaluate_heldout(ts: TrainState, params, data, batch_size: int, max_batches: int) -> dict:
-    """Held-out loss (nats/token), perplexity and bits per byte (or per token)."""
+    """Held-out loss (nats/token), perplexity and bits per byte (or per token).
+
+    Each process loads only its slice of every held-out batch (rows [i*B/P, (i+1)*B/P));
+    `to_global` assembles the global batch, so the sums are those of one process alone."""
     mesh = ts.mesh
     step = make_eval_step(ts.graphdef, ts.param_shardings, batch_sharding(mesh), replicated(mesh))
     sums = {"nll_sum": 0.0, "tokens": 0.0, "acc_sum": 0.0, "acc_rows": 0.0}
-    for batch in data.eval_batches(batch_size=batch_size, max_batches=max_batches):
+    for batch in data.eval_batches(batch_size=batch_size, max_batches=max_batches,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()):
         out = jax.device_get(step(params, to_global(batch, batch_sharding(mesh))))
         for k in sums:
             sums[k] += float(out[k])
@@ -95,7 +101,9 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
     if gb % n_batch_shards:
         raise ConfigError(f"train.batch_size ({gb}) must be divisible by mesh data*fsdp "
                           f"({n_batch_shards})")
+    check_batch_axes(mesh.devices, jax.process_count())  # each process feeds its own rows
     is_main = jax.process_index() == 0
+    given = epath.Path(workdir)  # for messages: the workdir as the user wrote it (or a URI)
     say = print if is_main else (lambda *a, **k: None)
 
     # 2. Model, optimizer state, resume.
@@ -116,7 +124,7 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
         state = ts.init()
         if ckpt.latest_step() is not None:
             start, state, _ = ckpt.restore(None, abstract_of(state))
-            say(f"resumed from step {start} ({os.path.join(workdir, 'checkpoints')})")
+            say(f"resumed from step {start} ({given / 'checkpoints'})")
         meta = {"config": json.loads(config.to_json_best_effort()),
                 "tokenizer": ckpt.store_tokenizer(data.tokenizer), "fingerprint": data.fingerprint}
         metrics = MetricsWriter(workdir, resume_step=start)
@@ -171,7 +179,7 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
                 metrics.close()
                 raise Interrupted(
                     f"{stop.name()} at step {done}/{steps}: saved checkpoint "
-                    f"{os.path.join(workdir, 'checkpoints', str(done))}; run the same command to resume "
+                    f"{given / 'checkpoints' / str(done)}; run the same command to resume "
                     f"(exit {stop.exit_code()})", stop.exit_code())
             ckpt.wait()
 
@@ -187,7 +195,6 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
         ckpt.close()
     final = {"step": steps, "train_loss": last.get("loss"), "first_loss": first_loss, **results}
     say("eval: " + " | ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "eval_tokens"))
-    say(f"logs: {os.path.join(workdir, 'tb')} (tensorboard --logdir {workdir}), "
-        f"{os.path.join(workdir, 'metrics.jsonl')}")
-    say(f"checkpoint: {os.path.join(workdir, 'checkpoints', str(steps))}")
+    say(f"logs: {given / 'tb'} (tensorboard --logdir {given}), {given / 'metrics.jsonl'}")
+    say(f"checkpoint: {given / 'checkpoints' / str(steps)}")
     return final
