@@ -62,8 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=1000, batch_size=16, lr=3e-3, warmup_steps=100, min_lr_ratio=0.1,
         weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
         log_every=25, eval_batches=8, max_skipped_steps=5,
+        microbatches=1,    # gradient accumulation: batch_size / microbatches rows per pass
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
+    # "A:B": trace steps A..B-1 with the JAX profiler into <workdir>/profile; "" = off
+    c.profile = ml_collections.ConfigDict(dict(steps=""))
     # -1 on one axis: all remaining devices. data x fsdp x tensor must equal the device count.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c

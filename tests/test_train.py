@@ -53,17 +53,6 @@ def test_resume_refuses_a_different_data_order(tmp_path):
         train_and_evaluate(cfg, str(tmp_path))
 
 
-def test_sharded_step_matches_single_device():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "mesh_equivalence.py")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": ROOT})
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["n_devices"] == 8
-    assert "fsdp" in res["spec"] and "tensor" in res["spec"], res["spec"]
-    np.testing.assert_allclose(res["multi"], res["single"], rtol=2e-5)
-
-
 @pytest.mark.parametrize("section, field, value, error, message", [
     ("model", "mixer", "nope", ConfigError, "model.mixer: unknown mixer 'nope'; known"),
     ("model", "layer_types", ("attn",), ConfigError, "model.layer_types has 1 entries"),
@@ -72,6 +61,9 @@ def test_sharded_step_matches_single_device():
      r"model.mixer_options\['attn'\]: unknown option\(s\) \['bogus'\]; allowed: \[.*'qk_norm'"),
     ("data", "path", "/does/not/exist", DataError, "data.path: '/does/not/exist' does not exist"),
     ("data", "seq_len", 10 ** 8, DataError, "data"),
+    ("train", "microbatches", 3, ConfigError, r"train.batch_size \(8\) must be divisible by "
+     r"train.microbatches \(3\)"),
+    ("profile", "steps", "10-15", ConfigError, "config.profile.steps = '10-15': expected 'A:B'"),
 ])
 def test_bad_input_fails_before_compiling(tmp_path, section, field, value, error, message):
     cfg = tiny_config()

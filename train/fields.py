@@ -140,6 +140,11 @@ FIELDS: tuple[Field, ...] = (
     F("train.eval_batches", "int", "held-out batches evaluated at the end", lo=1),
     F("train.max_skipped_steps", "int", "stop after this many consecutive updates skipped for a "
       "non-finite loss or gradient", lo=1),
+    F("train.microbatches", "int", "gradient accumulation: micro-batches per step (each of "
+      "batch_size / microbatches rows, weighted by its scored tokens)", lo=1),
+    # profile
+    F("profile.steps", "str", "'A:B' traces steps A..B-1 into <workdir>/profile (TensorBoard's "
+      "profile plugin, Perfetto); empty = off"),
     # checkpoint
     F("checkpoint.every", "int", "save every this many steps (and at the end and on interrupt)",
       lo=1),

@@ -29,9 +29,10 @@ from train.guard import SkippedUpdates
 from train.interrupt import Interrupted, StopFlag
 from train.metrics import MetricsWriter, device_peak_flops
 from train.optimizer import make_schedule
+from train.profile import ProfileWindow
 from train.resume import check_resume
 from train.sharding import batch_sharding, make_mesh, replicated, to_global
-from train.state import TrainState, abstract_of, build_model_config, normalize_layer_types
+from train.state import TrainState, build_model_config, normalize_layer_types
 from train.step import make_eval_step, make_train_step
 from zoo.config import ConfigError
 
@@ -102,6 +103,12 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
         raise ConfigError(f"train.batch_size ({gb}) must be divisible by mesh data*fsdp "
                           f"({n_batch_shards})")
     check_batch_axes(mesh.devices, jax.process_count())  # each process feeds its own rows
+    micro = int(tc.microbatches)
+    if gb % (micro * n_batch_shards):
+        raise ConfigError(f"train.batch_size ({gb}) must be divisible by train.microbatches "
+                          f"({micro}) x mesh data*fsdp ({n_batch_shards}): every micro-batch "
+                          f"is split over the batch shards")
+    profile = ProfileWindow(workdir, config.profile.steps)  # checks the window's format
     is_main = jax.process_index() == 0
     given = epath.Path(workdir)  # for messages: the workdir as the user wrote it (or a URI)
     say = print if is_main else (lambda *a, **k: None)
@@ -121,10 +128,11 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
             check_resume(saved, config, model_cfg, data, workdir)
         say(_describe(ts))
         say(data.describe())
-        state = ts.init()
-        if ckpt.latest_step() is not None:
-            start, state, _ = ckpt.restore(None, abstract_of(state))
+        if ckpt.latest_step() is not None:  # straight into the shardings: no fresh state first
+            start, state, _ = ckpt.restore(None, ts.abstract_state())
             say(f"resumed from step {start} ({given / 'checkpoints'})")
+        else:
+            state = ts.init()
         meta = {"config": json.loads(config.to_json_best_effort()),
                 "tokenizer": ckpt.store_tokenizer(data.tokenizer), "fingerprint": data.fingerprint}
         metrics = MetricsWriter(workdir, resume_step=start)
@@ -133,7 +141,8 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
 
         # 3. Train.
         bsh = batch_sharding(mesh)
-        train_step = make_train_step(ts.graphdef, ts.tx, ts.shardings(state), bsh, replicated(mesh))
+        train_step = make_train_step(ts.graphdef, ts.tx, ts.state_shardings, bsh, replicated(mesh),
+                                     microbatches=micro)
         schedule_lr = make_schedule(tc)
         seq_len = int(config.data.seq_len)
         fpt = ts.abstract_model.train_flops_per_token(seq_len)  # each mixer's own count
@@ -147,7 +156,9 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
         saved_at, done = None, start
         with StopFlag() as stop:
             for step in range(start, steps):
+                profile.before(step)
                 state, out = train_step(state, to_global(next(it), bsh))
+                profile.after(step + 1, out)
                 window_tokens += gb * seq_len
                 done = step + 1
                 guard.observe(done, out)  # reads the previous step's flags: no host sync here
@@ -172,6 +183,7 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
                 if stop.should_stop(done, ckpt.manager) and done < steps:
                     break
             guard.flush()
+            profile.close()
             if stop.signum is not None and done < steps:
                 if saved_at != done:
                     ckpt.save(done, state, {**meta, "step": done})

@@ -9,7 +9,7 @@ import ml_collections
 
 from train.checkpoint import Checkpointer
 from train.sharding import make_mesh
-from train.state import TrainState, abstract_of, build_model_config
+from train.state import TrainState, build_model_config
 
 __all__ = ["Restored", "restore_run"]
 
@@ -38,7 +38,6 @@ def restore_run(workdir: str, step: int | None = None, mesh_cfg=None) -> Restore
     mesh = make_mesh(mesh_cfg or ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     with jax.set_mesh(mesh):
         ts = TrainState(model_cfg, mesh, int(config.seed), config.train)
-        target = abstract_of(ts.init())
-        _, state, _ = ckpt.restore(step, target)
+        _, state, _ = ckpt.restore(step, ts.abstract_state())  # nothing allocated first
     ckpt.close()
     return Restored(step, config, meta, tokenizer, ts, state["params"])

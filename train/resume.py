@@ -13,7 +13,8 @@ old and new value, before anything is restored:
   compared through the layer_types they resolve to).
 
 Fields free to change on resume: logging, eval batches, checkpoint cadence, mesh (the state is
-restored onto any mesh), max_skipped_steps.
+restored onto any mesh), max_skipped_steps, train.microbatches (the same gradient, computed in
+fewer rows at a time) and the profiler window.
 """
 
 from __future__ import annotations
