@@ -1,8 +1,9 @@
 """Shared plumbing for every op: implementation choice, argument checks, segment masks, padding.
 
-The op frame (``frame.py``: implementation table, batch sharding of kernels, the layers'
-single-token step, benchmark cases), kernel layouts (``layout.py``) and the TPU grid of the
-sequential kernels (``tpu_grid.py``) live beside this module.
+The op frame (``frame.py``: implementation table, the layers' single-token step, benchmark
+cases), the ops' place on the mesh (``sharding.py``: kernels per (batch, head) shard, constraints
+for the pure-JAX forms), kernel layouts (``layout.py``) and the TPU grid of the sequential kernels
+(``tpu_grid.py``) live beside this module.
 
 The one place that resolves ``impl="auto"`` is :func:`resolve_impl`: "chunked" on CPU (and for
 ops with no kernel on the current backend), "triton" on GPU, "mosaic_tpu" on TPU, decided from
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
-from jax.sharding import PartitionSpec as P
+
+# The mesh axes an op's arrays split over (batch, heads) and the constraint of non-kernel impls.
+from pallas_kernels.common.sharding import BATCH_MESH_AXES, HEAD_MESH_AXIS, constrain_heads
 
 __all__ = [
     "IMPLS",
@@ -37,7 +39,9 @@ __all__ = [
     "pad_axis",
     "next_pow2",
     "expand_groups",
-    "shard_over_batch",
+    "BATCH_MESH_AXES",
+    "HEAD_MESH_AXIS",
+    "constrain_heads",
     "mm",
     "mm_tn",
     "mm_nt",
@@ -221,24 +225,3 @@ def expand_groups(x: jax.Array, n_heads: int, axis: int = 2) -> jax.Array:
         return x
     return jnp.repeat(x, n_heads // groups, axis=axis)
 
-
-BATCH_MESH_AXES = ("data", "fsdp")
-
-
-def shard_over_batch(fn, *arrays):
-    """Call ``fn(*arrays)`` once per batch shard under the current mesh.
-
-    `pallas_call` has no partitioning rule, so under a sharded `jit` a Pallas kernel runs inside
-    `shard_map` over the batch axes ("data", "fsdp") of the mesh set with `jax.set_mesh`. Every
-    array (and every output) has the batch as its leading dimension; None entries pass through.
-    Without a multi-device mesh, or when the batch does not split evenly, `fn` is called as is.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn(*arrays)
-    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    batch = next(x.shape[0] for x in arrays if x is not None)
-    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
-        return fn(*arrays)
-    spec = P(axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*arrays)

@@ -1,10 +1,27 @@
 """The op frame: what every op shares beyond its math.
 
 An op's ``ops.py`` declares one :class:`Op` — its name, its implementation table (impl name ->
-"module:function", imported on first use), which implementations are Pallas kernels (they run
-per batch shard, ``shard_over_batch``) and its benchmark case — and its public function checks
-the arguments and hands the arrays to :meth:`Op.run`. Layers call :func:`sequence_or_step`, the
-one place that turns "a cache and a single token" into the op's decoding step.
+"module:function", imported on first use), the head axis of each positional array and its
+benchmark case — and its public function checks the arguments and hands the arrays to
+:meth:`Op.run`. Layers call :func:`sequence_or_step`, the one place that turns "a cache and a
+single token" into the op's decoding step.
+
+Placement on the mesh (``sharding.py``), under the mesh of ``jax.set_mesh`` (or an abstract
+mesh when lowering):
+
+* A Pallas kernel (``KERNEL_IMPLS``) runs once per (batch, head) shard: inside ``jax.shard_map``
+  over the batch axes ("data", "fsdp") on dim 0 of every array, state and output, and over
+  "tensor" on the head axes (``Op.head_axes`` of the positional arrays, axis 1 of the state
+  leaves, axis 2 of ``o``); ``segment_ids`` splits over the batch only. Each device computes its
+  own rows and heads; q/k/v are never gathered.
+* When the mesh does not divide the shapes (batch by data·fsdp, a head count by tensor, grouped
+  heads that would not stay aligned), the kernel is not called: ``Op.fallback`` (the portable
+  form, "chunked") runs instead and a warning says so once per op, shapes and mesh. An explicit
+  ``impl="triton"``/``"mosaic_tpu"`` falls back too: an unsharded kernel call under a sharded jit
+  would fail anyway ("Mosaic kernels cannot be automatically partitioned").
+* Every other implementation is plain XLA: its inputs and outputs are constrained to the same
+  layout (a dimension the mesh does not divide stays whole), so propagation keeps heads local.
+  Those in ``Op.shard_map_impls`` run per shard like the kernels where the mesh divides them.
 
 Implementation contract (every entry of ``Op.impls``)::
 
@@ -25,7 +42,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import resolve_impl, shard_over_batch
+from pallas_kernels.common import resolve_impl, sharding
 
 __all__ = ["Op", "BenchSpec", "registered_ops", "sequence_or_step"]
 
@@ -62,10 +79,18 @@ class BenchSpec:
 @dataclasses.dataclass(frozen=True)
 class Op:
     """One op's declaration (module docstring). ``fallback`` is what "auto" gives where the
-    backend has no kernel of this op."""
+    backend has no kernel of this op, and what a kernel gives way to on a mesh that does not
+    divide its shapes. ``head_axes`` names the head axis of each positional array (None: no head
+    axis, split over the batch only); the default is axis 2 of every one, the H of DESIGN.md's
+    ``[B, T, H, ...]`` sequences and ``[B, T, H]`` gates. ``shard_map_impls`` are pure-JAX
+    implementations that run per shard like the kernels (their only array arguments are the
+    positional arrays, the state and segment_ids): those whose scan runs over the batch
+    (B·NB blocks in one ``lax.scan``), which XLA's partitioner cannot split and all-gathers."""
     name: str
     impls: Mapping[str, str]
     fallback: str = "chunked"
+    head_axes: tuple[int | None, ...] | None = None
+    shard_map_impls: tuple[str, ...] = ()
     bench: BenchSpec | None = None
     public: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
@@ -83,6 +108,34 @@ class Op:
         """The function of a resolved implementation name (imported on first use)."""
         return _load(self.impls[impl])
 
+    def heads_of(self, arrays: tuple) -> tuple[int | None, ...]:
+        """The head axis of each of ``arrays`` (``head_axes``, or 2 for every one)."""
+        if self.head_axes is None:
+            return (sharding.SEQUENCE_HEAD_AXIS,) * len(arrays)
+        if len(self.head_axes) != len(arrays):
+            raise ValueError(f"{self.name}: head_axes {self.head_axes} declares "
+                             f"{len(self.head_axes)} arrays, the op passed {len(arrays)}")
+        return self.head_axes
+
+    def _problem(self, arrays: tuple, initial_state):
+        """(the mesh layout or None, why ``arrays`` cannot run per shard of it or None)."""
+        layout = sharding.mesh_layout()
+        if layout is None:
+            return None, None
+        return layout, sharding.shard_problem(layout, arrays, self.heads_of(arrays),
+                                              initial_state)
+
+    def placed(self, name: str, arrays: tuple, initial_state=None) -> str:
+        """The implementation that runs resolved ``name`` on the current mesh: a kernel whose
+        shapes the mesh does not divide gives way to ``fallback`` (logged once)."""
+        if name not in KERNEL_IMPLS:
+            return name
+        layout, problem = self._problem(arrays, initial_state)
+        if problem is None:
+            return name
+        sharding.note_fallback(self.name, name, self.fallback, arrays, layout, problem)
+        return self.fallback
+
     def entry(self, fn: Callable) -> Callable:
         """Decorator marking the public function (what benchmarks and shared tests call)."""
         self.public.append(fn)
@@ -96,28 +149,37 @@ class Op:
 
     def run(self, impl: str, arrays: tuple, *, initial_state=None, segment_ids=None,
             output_final_state: bool = False, interpret=False, impl_kwargs=None, **static):
-        """Resolve ``impl`` and call it; kernels run once per batch shard of the current mesh.
+        """Resolve ``impl`` and call it, placed on the current mesh (module docstring): kernels
+        per (batch, head) shard, the portable form where the mesh does not divide the shapes,
+        constrained arrays for every other implementation.
 
         ``impl_kwargs`` ({impl: {keyword: value}}) are options only some implementations take
         (the chunked form's chunk size). Returns ``(o, final_state)`` with ``final_state = None``
         unless asked for.
         """
-        name = self.resolve(impl)
+        name = self.placed(self.resolve(impl), arrays, initial_state)
         fn = self.implementation(name)
         static = {**static, **(impl_kwargs or {}).get(name, {})}
-        if name not in KERNEL_IMPLS:
-            o, final = fn(*arrays, initial_state=initial_state, segment_ids=segment_ids,
-                          output_final_state=output_final_state, **static)
-            return o, (final if output_final_state else None)
-        n = len(arrays)
+        if name in KERNEL_IMPLS:
+            static["interpret"] = interpret
+        heads = self.heads_of(arrays)
 
-        def per_shard(*xs):
-            o, final = fn(*xs[:n], initial_state=xs[n], segment_ids=xs[n + 1],
-                          output_final_state=output_final_state, interpret=interpret, **static)
-            # shard_map needs a batch-leading output for every entry: carry a dummy state.
-            return o, (final if final is not None else jnp.zeros((xs[0].shape[0],), jnp.float32))
+        def call(xs, state, seg):
+            return fn(*xs, initial_state=state, segment_ids=seg,
+                      output_final_state=output_final_state, **static)
 
-        o, final = shard_over_batch(per_shard, *arrays, initial_state, segment_ids)
+        layout, problem = self._problem(arrays, initial_state)
+        if layout is not None and problem is None and (name in KERNEL_IMPLS
+                                                        or name in self.shard_map_impls):
+            o, final = sharding.run_per_shard(call, layout, arrays, heads, initial_state,
+                                              segment_ids)
+        elif name in KERNEL_IMPLS:                    # no multi-device mesh
+            o, final = call(arrays, initial_state, segment_ids)
+        else:
+            con = sharding.constrain_heads
+            o, final = call(tuple(con(x, ax) for x, ax in zip(arrays, heads)),
+                            sharding.constrain_state(initial_state), con(segment_ids, None))
+            o, final = con(o, sharding.SEQUENCE_HEAD_AXIS), sharding.constrain_state(final)
         return o, (final if output_final_state else None)
 
 

@@ -36,6 +36,8 @@ _HERE = "pallas_kernels.gla."
 OP = Op("gla",
         impls={"reference": _HERE + "reference:gla_reference",
                "chunked": _HERE + "chunked:gla_chunked"},
+        # Its scan runs over the B·NB blocks of all rows: per shard, or XLA gathers the batch.
+        shard_map_impls=("chunked",),
         bench=BenchSpec(inputs=_bench_inputs,
                         shapes=({"B": 1, "H": 4, "D": 64}, {"B": 1, "H": 2, "D": 128}),
                         peer={"peer:jla-chunked": "jla.ops.chunked:gla"}))

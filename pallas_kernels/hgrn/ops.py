@@ -41,6 +41,8 @@ _HERE = "pallas_kernels.hgrn."
 OP = Op("hgrn",
         impls={"reference": _HERE + "reference:hgrn_reference",
                "chunked": _HERE + "chunked:hgrn_chunked"},
+        # No heads: each of the D channels is its own recurrence, so D splits over "tensor".
+        head_axes=(2, 2),
         bench=BenchSpec(inputs=_bench_inputs,
                         shapes=({"B": 1, "H": 4, "D": 64}, {"B": 1, "H": 8, "D": 128}),
                         impls=("chunked", "reference")))

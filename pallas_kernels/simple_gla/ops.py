@@ -35,6 +35,8 @@ OP = Op("simple_gla",
                "chunked": _HERE + "chunked:simple_gla_chunked",
                "triton": _HERE + "kernels:simple_gla_triton",
                "mosaic_tpu": _HERE + "kernels:simple_gla_tpu"},
+        # Its scan runs over the B·NB blocks of all rows: per shard, or XLA gathers the batch.
+        shard_map_impls=("chunked",),
         bench=BenchSpec(inputs=_bench_inputs,
                         peer={"peer:jla-chunked": "jla.ops.chunked:simple_gla"}))
 AVAILABLE = OP.available

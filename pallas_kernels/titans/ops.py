@@ -243,7 +243,9 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
                          f"{'set' if segment_ids is not None else 'None'}, initial_state "
                          f"{'set' if initial_state is not None else 'None'}); use "
                          f"impl='chunked'")
-    impl = resolve_impl(_OP, impl, ("reference", "chunked") + kernels)
+    arrays = (q, k, v, theta, eta, alpha)
+    # A kernel the mesh cannot shard gives way to "chunked" here: the two take other arguments.
+    impl = OP.placed(resolve_impl(_OP, impl, ("reference", "chunked") + kernels), arrays)
     if debug_checks:
         _check_gate_values(theta, eta, alpha)
 
@@ -264,7 +266,6 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
                                           False), bsz)
         state0 = TitansState(mem, mom, mem, None)  # pos None: statically 0
 
-    arrays = (q, k, v, theta, eta, alpha)
     if impl in _KERNELS:                              # per batch shard: batch-leading state only
         y, final = OP.run(impl, arrays, initial_state=(state0.memory[0], state0.momentum[0]),
                           output_final_state=True, interpret=interpret, block_size=block_size)
