@@ -14,7 +14,9 @@ data loading is timed).
 On CPU the process pins itself to one core (environment variable BENCH_CORE, default 0) with
 single-threaded Eigen before it imports jax, and the peak is measured under the same pinning:
 multi-threaded XLA on a shared 2-core machine slows down by up to ~100x when another process
-holds a core, so unpinned timings are noise (--no-pin uses every core).
+holds a core, so unpinned timings are noise (--no-pin uses every core). A pinned run times
+the steps and the peak by this process's CPU time (--clock): the share of the core that other
+jobs take is then not counted, in the steps or in the peak.
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="op implementation of every layer (model.impl) (default: auto)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="write the results as JSON to FILE (default: print only)")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                   help="time steps and the peak by wall time or by this process's CPU time; "
+                        "auto = cpu on a pinned CPU run (the share other jobs take of the core "
+                        "is not counted), wall otherwise (default: auto)")
     p.add_argument("--no-pin", action="store_true",
                    help="on CPU, use every core instead of pinning to one (default: off)")
     return p
@@ -137,7 +143,7 @@ def _batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
             "positions": np.broadcast_to(pos.astype(np.int32), (batch_size, seq_len)).copy()}
 
 
-def run_case(config, steps: int) -> dict:
+def run_case(config, steps: int, clock: str = "wall") -> dict:
     """Compile, warm up and time the train step of `config` on all devices (module docstring).
     The peak is measured again just before and just after the timed steps and the larger one
     is the case's peak (on a shared host the machine's state drifts between cases)."""
@@ -170,13 +176,14 @@ def run_case(config, steps: int) -> dict:
         batch = to_global(_batch(gb, seq_len, model_cfg.vocab_size), bsh)
         state, out = compiled(state, batch)                     # warm-up, excluded
         jax.block_until_ready(out)
-        peak_before = measured_peak_flops(fresh=True)
-        t0 = time.perf_counter()
+        timer = time.process_time if clock == "cpu" else time.perf_counter
+        peak_before = measured_peak_flops(fresh=True, clock=clock)
+        t0 = timer()
         for _ in range(steps):
             state, out = compiled(state, batch)
         jax.block_until_ready((state, out))
-        step_s = (time.perf_counter() - t0) / steps
-        peak = max(peak_before, measured_peak_flops(fresh=True))
+        step_s = (timer() - t0) / steps
+        peak = max(peak_before, measured_peak_flops(fresh=True, clock=clock))
     tokens = gb * seq_len
     fpt = ts.abstract_model.train_flops_per_token(seq_len)
     tps = tokens / step_s
@@ -207,20 +214,22 @@ def main(argv=None) -> int:
     from train.metrics import vendor_peak_flops  # noqa: PLC0415
     from train.peak import measured_peak_flops  # noqa: PLC0415
     mixers = args.mixers if args.mixers is not None else _mixers("all")
+    pinned = not args.no_pin and jax.default_backend() == "cpu"
+    clock = args.clock if args.clock != "auto" else ("cpu" if pinned else "wall")
     t0 = time.perf_counter()
-    peak = measured_peak_flops()
+    peak = measured_peak_flops(clock=clock)
     dev = jax.devices()[0]
     meta = {"backend": jax.default_backend(), "device_kind": dev.device_kind,
             "n_devices": jax.device_count(), "jax": jax.__version__,
             "python": platform.python_version(), "host": platform.machine(),
-            "pinned_core": (None if args.no_pin or jax.default_backend() != "cpu"
-                            else int(os.environ.get("BENCH_CORE", "0"))),
+            "pinned_core": int(os.environ.get("BENCH_CORE", "0")) if pinned else None,
+            "clock": clock,
             "peak_flops": peak, "peak_measure_s": round(time.perf_counter() - t0, 3),
             "vendor_peak_flops": vendor_peak_flops(), "steps": args.steps,
             "tokens_per_step": args.tokens}
     print(f"backend {meta['backend']} ({meta['device_kind']} x{meta['n_devices']}), measured "
           f"peak {peak / 1e9:.1f} GFLOP/s (each case re-measures its own: column GFLOP/s), "
-          f"pinned core {meta['pinned_core']}")
+          f"pinned core {meta['pinned_core']}, {clock} clock")
     print(HEADER, flush=True)
     rows = []
     for size in args.sizes:
@@ -228,7 +237,7 @@ def main(argv=None) -> int:
             for seq_len in args.lengths:
                 cfg = case_config(size, mixer, seq_len, args.tokens, args.dtype, args.impl)
                 try:
-                    r = {"size": size, "mixer": mixer, **run_case(cfg, args.steps)}
+                    r = {"size": size, "mixer": mixer, **run_case(cfg, args.steps, clock)}
                 except Exception as e:  # one failing case is reported, the others still run
                     r = {"size": size, "mixer": mixer, "T": seq_len,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}

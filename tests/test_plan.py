@@ -159,6 +159,9 @@ def test_measured_peak_is_positive_and_cached():
     assert peak > 0 and measured_peak_flops() == peak, "measured once per process"
     assert device_peak_flops() == peak
     assert measured_peak_flops(fresh=True) > 0
+    assert measured_peak_flops(clock="cpu") > 0
+    with pytest.raises(ValueError, match="clock must be 'wall' or 'cpu'"):
+        measured_peak_flops(clock="sundial")
     assert matmul_flops_per_s(64, 32, 16, jnp.float32, reps=1) > 0
 
 

@@ -30,9 +30,11 @@ _ACCEL_SHAPE = (4 * 8192, 8192, 8192)   # (M, K, N)
 _CPU_SHAPE = (2048, 2048, 2048)
 
 
-def matmul_flops_per_s(m: int, k: int, n: int, dtype, *, reps: int = 5, device=None) -> float:
+def matmul_flops_per_s(m: int, k: int, n: int, dtype, *, reps: int = 5, device=None,
+                       clock=time.perf_counter) -> float:
     """FLOP/s of one [m, k] @ [k, n] matmul on `device`: 2·m·k·n / the best of `reps` timed
-    calls (after a compile and a warm-up call)."""
+    calls (after a compile and a warm-up call), timed by `clock` (wall time by default;
+    `time.process_time` counts only the time this process ran, see `measured_peak_flops`)."""
     device = device if device is not None else jax.local_devices()[0]
     ka, kb = jax.random.split(jax.random.key(0))
     # Unit-scale entries: no overflow in bf16 and no denormals (slow on CPU) in the products.
@@ -43,29 +45,34 @@ def matmul_flops_per_s(m: int, k: int, n: int, dtype, *, reps: int = 5, device=N
     mm(a, b).block_until_ready()
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2.0 * m * k * n / best
 
 
 _CACHE: dict[tuple, float] = {}
 
 
-def _measure(backend: str, dtype, n_devices: int) -> float:
+def _measure(backend: str, dtype, n_devices: int, clock) -> float:
     if backend == "cpu":
-        return matmul_flops_per_s(*_CPU_SHAPE, dtype, reps=5)
-    return matmul_flops_per_s(*_ACCEL_SHAPE, dtype, reps=5) * n_devices
+        return matmul_flops_per_s(*_CPU_SHAPE, dtype, reps=5, clock=clock)
+    return matmul_flops_per_s(*_ACCEL_SHAPE, dtype, reps=5, clock=clock) * n_devices
 
 
-def measured_peak_flops(dtype=None, *, fresh: bool = False) -> float:
+def measured_peak_flops(dtype=None, *, fresh: bool = False, clock: str = "wall") -> float:
     """Peak FLOP/s of all devices, measured once per process (module docstring); `fresh`
     measures again (a benchmark on a shared machine re-measures beside each timing). `dtype`:
-    default bfloat16 on GPU/TPU, float32 on CPU."""
+    default bfloat16 on GPU/TPU, float32 on CPU. `clock`: "wall", or "cpu" (process time: on a
+    host shared with other jobs, a process pinned to one core with single-threaded XLA is
+    timed only while it runs; a benchmark then times its steps with the same clock)."""
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     backend = jax.default_backend()
     if dtype is None:
         dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
-    key = (backend, jnp.dtype(dtype).name, jax.device_count())
+    key = (backend, jnp.dtype(dtype).name, jax.device_count(), clock)
     if fresh or key not in _CACHE:
-        _CACHE[key] = _measure(backend, jnp.dtype(dtype), jax.device_count())
+        timer = time.process_time if clock == "cpu" else time.perf_counter
+        _CACHE[key] = _measure(backend, jnp.dtype(dtype), jax.device_count(), timer)
     return _CACHE[key]
