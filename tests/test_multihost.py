@@ -272,3 +272,12 @@ def test_metrics_writer_on_an_epath_workdir(tmp_path):
     rows = [json.loads(ln) for ln in (wd / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 9.0}]
     assert sorted(p.name for p in wd.iterdir()) == ["metrics.jsonl", "tb"]
+
+
+def test_a_one_task_slurm_job_starts_nothing(no_cluster, monkeypatch):
+    """`srun python -m train` on one node: jax.distributed would restrict the process to
+    device SLURM_LOCALID; one task needs no coordinator, so nothing is started."""
+    for k, v in dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="node1", SLURM_NTASKS="1",
+                     SLURM_PROCID="0", SLURM_LOCALID="0").items():
+        monkeypatch.setenv(k, v)
+    assert initialize() == "one process"

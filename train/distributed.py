@@ -40,12 +40,10 @@ class DistributedError(RuntimeError):
     """jax.distributed could not start (coordinator unreachable, backend already running)."""
 
 
-def detected_cluster() -> str | None:
-    """The name of the cluster environment `jax.distributed.initialize()` would read its
-    arguments from (SlurmCluster, OmpiCluster, GceTpuCluster, GkeTpuCluster, K8sCluster), or
-    None. Probes the same classes, in the same order, as jax's own auto-detection, skipping
-    the opt-in ones (mpi4py); a probe that fails counts as absent. On a Cloud TPU VM the GCE
-    probe asks the metadata server; elsewhere every probe only reads environment variables."""
+def _detected_env():
+    """The cluster environment class jax's auto-detection would use, or None: the same
+    classes in the same order as `jax.distributed.initialize()`, skipping the opt-in ones
+    (mpi4py); a probe that fails counts as absent."""
     try:
         from jax._src import clusters  # private: jax has no public probe  # noqa: PLC0415
         kinds = list(clusters.ClusterEnv._cluster_types)
@@ -56,10 +54,19 @@ def detected_cluster() -> str | None:
             continue
         try:
             if env.is_env_present():
-                return env.__name__
+                return env
         except Exception:  # noqa: BLE001 - a broken probe must not stop a single-host run
             continue
     return None
+
+
+def detected_cluster() -> str | None:
+    """The name of the cluster environment `jax.distributed.initialize()` would read its
+    arguments from (SlurmCluster, OmpiCluster, GceTpuCluster, GkeTpuCluster, K8sCluster), or
+    None. On a Cloud TPU VM the GCE probe asks the metadata server; elsewhere every probe only
+    reads environment variables."""
+    env = _detected_env()
+    return env.__name__ if env is not None else None
 
 
 def _check_args(coordinator, num_processes, process_id) -> None:
@@ -88,7 +95,17 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     _check_args(coordinator, num_processes, process_id)
-    cluster = detected_cluster()
+    env = _detected_env()
+    cluster = env.__name__ if env is not None else None
+    if env is not None and num_processes is None and coordinator is None:
+        try:
+            count = int(env.get_process_count())
+        except Exception:  # noqa: BLE001 - let jax.distributed report it below
+            count = None
+        # A one-task job (`srun python -m train` on one node, a single-host TPU VM) needs no
+        # coordinator; started anyway, jax would give the process one device of the node.
+        if count == 1:
+            return "one process"
     if cluster is None and not force:
         if coordinator is None and (num_processes or 1) == 1:
             return "one process"
