@@ -45,7 +45,8 @@ from layers.partitioning import constrain
 from zoo.config import ModelConfig, layer_period
 from zoo.registry import get_mixer
 
-__all__ = ["Block", "BlockGroup", "LM", "count_params", "cross_entropy", "REMAT_POLICY"]
+__all__ = ["Block", "BlockGroup", "LM", "count_params", "cross_entropy", "stack_layer_params",
+           "REMAT_POLICY"]
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,11 @@ class LM(nnx.Module):
     def __call__(self, tokens, *, segment_ids=None, positions=None, cache=None):
         """tokens [B, T] int -> (logits [B, T, V] float32, cache or None)."""
         dtype = jnp.dtype(self.cfg.dtype)
-        x = (jnp.take(self.embed[...], tokens, axis=0) * self.cfg.d_model ** 0.5).astype(dtype)  # [B, T, D]
+        # The table is FSDP-gathered before the lookup (its vocab split over tensor kept): gathering
+        # rows of a table whose embed dim is split would all-gather the batch's token ids instead.
+        table = constrain(self.embed[...], ("vocab", None))                  # [V, D]
+        x = (jnp.take(table, tokens, axis=0) * self.cfg.d_model ** 0.5).astype(dtype)  # [B, T, D]
+        x = constrain(x, RESIDUAL)
         if positions is None and segment_ids is not None and cache is None:
             positions = positions_from_segments(segment_ids)
         if self.scanned:
@@ -241,6 +246,24 @@ class LM(nnx.Module):
         w = self.embed[...].T if self.head is None else self.head[...]
         logits = jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
         return constrain(logits, LOGITS), new_cache
+
+
+def stack_layer_params(params: dict, period: int) -> dict:
+    """A looped model's state dict -> the scanned layout of the same weights.
+
+    params["blocks"][k·p + j] (k < R repeats, j < p = period) becomes
+    params["groups"]["blocks"][j] with every leaf stacked [R, ...] over k; other entries pass
+    through. (nnx.List keys are ints.)"""
+    blocks = params["blocks"]
+    n = len(blocks)
+    if period < 1 or n % period:
+        raise ValueError(f"stack_layer_params: period {period} does not divide {n} blocks")
+    stacked = {j: jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[blocks[k * period + j] for k in range(n // period)])
+               for j in range(period)}
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    out["groups"] = {"blocks": stacked}
+    return out
 
 
 def cross_entropy(logits, targets):

@@ -12,8 +12,9 @@ __all__ = ["PRESETS", "preset"]
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=128, n_layers=4, num_heads=4, window=128),
     "small": dict(d_model=768, n_layers=12, num_heads=12, window=512),
-    "340M": dict(d_model=1024, n_layers=24, num_heads=16, window=1024),
-    "1.3B": dict(d_model=2048, n_layers=24, num_heads=16, window=2048),
+    # the large presets scan their (periodic) layer groups: compile time flat in depth
+    "340M": dict(d_model=1024, n_layers=24, num_heads=16, window=1024, scan_layers=True),
+    "1.3B": dict(d_model=2048, n_layers=24, num_heads=16, window=2048, scan_layers=True),
 }
 
 
