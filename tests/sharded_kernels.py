@@ -26,10 +26,12 @@ Prints one JSON object on its last line:
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-if sys.argv[1:] == ["heads"]:
-    # The interpret-mode kernels' HLO takes tens of seconds to optimise; the numbers need none.
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+if __name__ == "__main__":     # before jax is imported; importers (kernel_cases) keep theirs
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8")
+    if sys.argv[1:] == ["heads"]:
+        # The interpret-mode kernels' HLO takes tens of seconds to optimise; the checks need none.
+        os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import inspect  # noqa: E402
 import json  # noqa: E402

@@ -18,9 +18,9 @@ from jax.sharding import AbstractMesh, AxisType
 
 from pallas_kernels.common import sharding
 from pallas_kernels.common.frame import registered_ops
+from tests.sharded_kernels import kernel_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ("triton", "mosaic_tpu")
 
 
 def _mesh(shape):
@@ -42,10 +42,7 @@ def checks():
 
 def _kernel_ops():
     """Ops with an interpret-mode Pallas kernel (attention's splash runs its own shard_map)."""
-    import inspect
-    return {name for name, op in registered_ops().items() if op.bench is not None
-            and "interpret" in inspect.signature(op.function).parameters
-            and any(i in op.impls for i in KERNELS)}
+    return {name for name, _ in kernel_cases()}
 
 
 def test_every_kernel_op_runs_per_batch_and_head_shard(checks):
