@@ -27,6 +27,7 @@ from train.distributed import check_batch_axes
 from train.fields import check_config
 from train.guard import SkippedUpdates
 from train.interrupt import Interrupted, StopFlag
+from train.memory import abstract_batch, check_fits, device_memory_limit
 from train.metrics import MetricsWriter, device_peak_flops
 from train.optimizer import make_schedule
 from train.profile import ProfileWindow
@@ -145,6 +146,10 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
                                      microbatches=micro)
         schedule_lr = make_schedule(tc)
         seq_len = int(config.data.seq_len)
+        if device_memory_limit() is not None:  # GPU/TPU: compile ahead, refuse what won't fit
+            train_step = train_step.lower(ts.abstract_state(),
+                                          abstract_batch(gb, seq_len, bsh)).compile()
+            check_fits(train_step, ts.abstract_state(), config, mesh, say=say)
         fpt = ts.abstract_model.train_flops_per_token(seq_len)  # each mixer's own count
         peak = device_peak_flops()
         log_every = max(1, int(tc.log_every))
