@@ -18,12 +18,18 @@ from tests.op_suite import TARGETS, segments
 from tests.tolerance import assert_close
 
 
+def _normal(shape, dtype=jnp.float32, seed=0):
+    """Standard normal from numpy (eager jax.random compiles one program per call)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
+
+
 def _qkv(b, t, hq, hkv, d, dtype, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(ks[0], (b, t, hq, d)).astype(dtype)
-    k = jax.random.normal(ks[1], (b, t, hkv, d)).astype(dtype)
-    v = jax.random.normal(ks[2], (b, t, hkv, d)).astype(dtype)
-    return q, k, v
+    return _qkv_dv(b, t, t, hq, hkv, d, d, dtype, seed)
+
+
+def _qkv_dv(b, tq, tk, hq, hkv, d, dv, dtype, seed=0):
+    return (_normal((b, tq, hq, d), dtype, 3 * seed), _normal((b, tk, hkv, d), dtype, 3 * seed + 1),
+            _normal((b, tk, hkv, dv), dtype, 3 * seed + 2))
 
 
 def _naive(q, k, v, seg, window):
@@ -185,25 +191,20 @@ def _vjp_both(f_got, f_want, args, seed=7):
         return out
 
     shape = jax.eval_shape(f_want, *args)
-    ct = jax.random.normal(jax.random.key(seed), shape.shape).astype(shape.dtype)
+    ct = _normal(shape.shape, shape.dtype, seed)
     return _jit(both)(args, ct)
 
 
-def _qkv_dv(b, tq, tk, hq, hkv, d, dv, dtype, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (b, tq, hq, d)).astype(dtype),
-            jax.random.normal(ks[1], (b, tk, hkv, d)).astype(dtype),
-            jax.random.normal(ks[2], (b, tk, hkv, dv)).astype(dtype))
-
-
-@pytest.mark.parametrize("dtype,window", [(jnp.float32, None), (jnp.bfloat16, 5)])
-def test_blocked_matches_reference(dtype, window):
+@pytest.mark.parametrize("dtype,window,blocks", [(jnp.float32, None, (8, 16)),
+                                                 (jnp.bfloat16, 5, (512, 512))],
+                         ids=["float32-blocks8x16", "bfloat16-window5-one-block"])
+def test_blocked_matches_reference(dtype, window, blocks):
     """Packing (a reset inside a block, trailing padding), GQA 4:2, Dv != D, T = 37 not a multiple
-    of the blocks (8 x 16): output and dq, dk, dv."""
+    of the blocks (8 x 16), or one block (the loop-free form): output and dq, dk, dv."""
     q, k, v = _qkv_dv(2, 37, 37, 4, 2, 8, 6, dtype)
     seg = segments(37, [(1, 10), (2, 20)], [(1, 37)])
     kw = dict(segment_ids=seg, window=window)
-    blk = functools.partial(blocked_lib.attention_blocked, block_q=8, block_kv=16)
+    blk = functools.partial(blocked_lib.attention_blocked, block_q=blocks[0], block_kv=blocks[1])
     pos = jnp.broadcast_to(jnp.arange(37), (2, 37))
     f_got = lambda q, k, v: blk(q, k, v, pos, pos, seg, seg, scale=8 ** -0.5, window=window)
     f_want = lambda q, k, v: attention(q, k, v, impl="reference", **kw)
@@ -323,7 +324,7 @@ def test_splash_lowers_for_tpu(mesh_shape):
 
 def test_cudnn_offsets_and_errors_off_gpu():
     seg = segments(8, [(1, 3), (2, 1), (3, 2)], [(5, 8)], [])
-    offsets, lengths = segment_offsets(seg, 4)
+    offsets, lengths = jax.jit(segment_offsets, static_argnums=1)(seg, 4)
     assert offsets.tolist() == [[0, 3, 4, -1, -1], [0, -1, -1, -1, -1], [-1] * 5]
     assert lengths.tolist() == [[3, 1, 2, -1], [8, -1, -1, -1], [-1] * 4]
     q, k, v = _qkv(1, 8, 2, 2, 8, jnp.bfloat16)
@@ -331,3 +332,34 @@ def test_cudnn_offsets_and_errors_off_gpu():
         attention(q, k, v, impl="cudnn")
     with pytest.raises(TypeError, match="bfloat16 or float16"):
         attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="cudnn")
+
+
+def test_cudnn_lowers_for_cuda_from_cpu():
+    """The packed cuDNN call, forward + backward, lowered for CUDA from CPU. jax probes the cuDNN
+    version and the GPU's capability while tracing; the probes are patched to a Hopper with
+    cuDNN 9.10 (an abstract GPU mesh does not work: jax 0.11 needs devices for its custom
+    partitioning)."""
+    from unittest import mock
+
+    from pallas_kernels.attention import gpu
+
+    mod = gpu.cudnn_entry()
+    assert mod is not None, "jax's packed cuDNN entry is missing"
+    q, k, v = jax.eval_shape(lambda: _qkv(2, 256, 4, 2, 128, jnp.bfloat16))
+    seg = segments(256, [(1, 100), (2, 100)], [(1, 256)])
+
+    def fwd_bwd(q, k, v):
+        f = lambda q, k, v: gpu.attention_cudnn(q, k, v, seg, scale=0.1, window=64)
+        o, vjp = jax.vjp(f, q, k, v)
+        return o, vjp(o)
+
+    with mock.patch.object(mod, "check_cudnn_version", lambda: 91000), \
+            mock.patch.object(mod, "check_compute_capability", lambda c: True), \
+            mock.patch.object(mod, "is_cuda_compute_capability_equal", lambda c: False), \
+            mock.patch.object(gpu.jax, "default_backend", lambda: "gpu"):
+        text = jax.jit(fwd_bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__cudnn$fmhaSoftmax(" in text and "__cudnn$fmhaSoftmaxBackward(" in text
+    config = text.replace("\\22", '"')
+    for field in ('"mask_type": "PADDING_CAUSAL"', '"sliding_window_length": 64',
+                  '"max_seg_per_batch": 256'):
+        assert field in config, field

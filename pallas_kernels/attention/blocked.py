@@ -136,6 +136,23 @@ def _live_range(live_row):
     return jnp.where(any_, first, 0), jnp.where(any_, last, 0)
 
 
+def _visit_live(live_row, visit, step, init):
+    """Run ``step`` (``visit`` behind a ``lax.cond`` on liveness) over the live range of a [n]
+    row. A single block is visited directly: short sequences (tests, decoding) compile no loop,
+    and visiting a dead block is still exact (its keys are masked, p = 0)."""
+    if live_row.shape[0] == 1:
+        return visit(0, init)
+    lo, hi = _live_range(live_row)
+    return lax.fori_loop(lo, hi, step, init)
+
+
+def _map_blocks(fn, n):
+    """``lax.map(fn, arange(n))``, or a direct call when n == 1."""
+    if n == 1:
+        return jax.tree.map(lambda x: x[None], fn(0))
+    return lax.map(fn, jnp.arange(n))
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward and backward
 
@@ -171,14 +188,13 @@ def _forward(q, k, v, qp, kp, qs, ks, window, kv_sinks, scale, bq, bk):
 
         init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
                 jnp.zeros(rows + (dv,), jnp.float32))
-        lo, hi = _live_range(live[i])
-        m, l, acc = lax.fori_loop(lo, hi, step, init)
+        m, l, acc = _visit_live(live[i], visit, step, init)
         seen = l > 0
         o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
         return o.astype(q.dtype), lse
 
-    ob, lse = lax.map(q_block, jnp.arange(qb.shape[0]))
+    ob, lse = _map_blocks(q_block, qb.shape[0])
     return _q_unblock(ob, tq), lse
 
 
@@ -212,11 +228,15 @@ def _backward(q, k, v, qp, kp, qs, ks, o, lse, do, window, kv_sinks, scale, bq, 
             return lax.cond(live[i, j], visit, lambda _, c: c, i, carry)
 
         init = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32), dq)
-        lo, hi = _live_range(live[:, j])
-        dk, dv, dq = lax.fori_loop(lo, hi, step, init)
+        dk, dv, dq = _visit_live(live[:, j], visit, step, init)
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-    dq, (dkb, dvb) = lax.scan(kv_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(kb.shape[0]))
+    dq0 = jnp.zeros(qb.shape, jnp.float32)
+    if kb.shape[0] == 1:  # one key block: no loop to compile (see _visit_live)
+        dq, (dk, dv) = kv_block(dq0, 0)
+        dkb, dvb = dk[None], dv[None]
+    else:
+        dq, (dkb, dvb) = lax.scan(kv_block, dq0, jnp.arange(kb.shape[0]))
     return (_q_unblock(dq, tq).astype(q.dtype), _kv_unblock(dkb, tk), _kv_unblock(dvb, tk))
 
 
