@@ -74,6 +74,19 @@ def test_kernels_lower_for_tpu_on_a_tensor_mesh_and_fall_back_on_a_batch_of_3(ch
         assert "[3, 32, 8, 16]" in notes[0]
 
 
+def test_kernels_trace_per_shard_without_a_final_state():
+    """output_final_state=False (training): each kernel's shard_map returns o alone."""
+    for name in sorted(_kernel_ops()):
+        op = registered_ops()[name]
+        arrays = jax.eval_shape(lambda: op.bench.inputs(jax.random.PRNGKey(0), B=2, T=16, H=4,
+                                                        D=16))
+        f = lambda a: op.function(*a, impl="mosaic_tpu", interpret=True, **op.bench.kwargs)
+        with jax.sharding.use_abstract_mesh(_mesh((2, 1, 2))):
+            (o, final), jaxpr = jax.eval_shape(f, arrays), str(jax.make_jaxpr(f)(arrays))
+        assert o.shape == arrays[2].shape and final is None, name
+        assert "shard_map" in jaxpr and "P('data', None, 'tensor', None)" in jaxpr, name
+
+
 def test_shard_problem_names_what_does_not_divide():
     q, v, g = _sds(4, 8, 4, 16), _sds(4, 8, 8, 16), _sds(4, 8, 8)
     with jax.sharding.use_abstract_mesh(_mesh((2, 1, 4))):
