@@ -188,7 +188,7 @@ def batch_checks():
             seg_s = None if seg is None else batch_sharded(seg, mesh)
             got = f(sharded, seg_s)
             # Interpret-mode kernels would partition without help; the real ones cannot.
-            assert "shard_map" in str(jax.make_jaxpr(loss)(sharded, seg_s)), "kernel not in shard_map"
+            assert "shard_map" in str(jax.make_jaxpr(loss)(sharded, seg_s)), "no shard_map"
         out[f"{name}/{impl}"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                                     zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     return out

@@ -51,7 +51,7 @@ _KERNELS = {"triton": _gpu, "mosaic_tpu": _tpu}
 # ------------------------------------------------------------------ the op frame's contract
 # Every entry: fn(q, k, v, theta, eta, alpha, *, initial_state, segment_ids, output_final_state,
 # **static) -> (y, TitansState). ``initial_state`` is the checked, batched TitansState; the
-# kernels (run per batch shard) take only (memory, momentum) of a linear memory.
+# kernels (run per (batch, head) shard) take only (memory, momentum) of a linear memory.
 def _scan_form(fn):
     def run(q, k, v, theta, eta, alpha, *, initial_state, segment_ids=None,
             output_final_state=True, memory0, block_size, act):
@@ -266,7 +266,7 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
                                           False), bsz)
         state0 = TitansState(mem, mom, mem, None)  # pos None: statically 0
 
-    if impl in _KERNELS:                              # per batch shard: batch-leading state only
+    if impl in _KERNELS:                              # per shard: [B, H, ...] state only
         y, final = OP.run(impl, arrays, initial_state=(state0.memory[0], state0.momentum[0]),
                           output_final_state=True, interpret=interpret, block_size=block_size)
     else:
