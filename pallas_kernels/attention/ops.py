@@ -14,8 +14,9 @@ Implementations:
   * "blocked" (`blocked.py`): flash-style plain JAX with its own backward, O(T·block) memory;
     every form (packing, window, sinks, caches). "auto" gives it on CPU, for float32, and for
     every form the kernels below do not take.
-  * "mosaic_tpu" (`tpu.py`): jax's splash attention, per (batch, head) shard. "auto" on TPU for
-    bf16/fp16 self-attention (no positions, no sinks).
+  * "mosaic_tpu" (`tpu.py`): jax's splash attention, per (batch, head) shard (`Op.run`; a mesh
+    that does not divide the shapes runs "blocked"). "auto" on TPU for bf16/fp16
+    self-attention (no positions, no sinks).
   * "cudnn" (`gpu.py`): jax's cuDNN fused attention with packed q/kv offsets, bf16/fp16 on
     Hopper+. "auto" on such a GPU for bf16/fp16 self-attention within cuDNN's head-dim limits.
 The cached / sink forms (positions, kv_sinks or separate kv_segment_ids) given to "mosaic_tpu"
@@ -52,7 +53,17 @@ def _xla(q, k, v, *, initial_state=None, segment_ids=None, output_final_state=Fa
 
 
 def _blocked(q, k, v, *, initial_state=None, segment_ids=None, output_final_state=False,
-             q_positions, kv_positions, kv_segment_ids, scale, window, kv_sinks):
+             q_positions=None, kv_positions=None, kv_segment_ids=None, scale, window,
+             kv_sinks=0):
+    """Also what a fused kernel's call becomes where the mesh does not divide its shapes
+    (`Op.run`): then only the self-attention arguments come (segment_ids may be None)."""
+    b, tq = q.shape[:2]
+    if q_positions is None:  # self-attention: query i and key i at position i
+        q_positions = kv_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, tq), jnp.int32)
+    if kv_segment_ids is None:
+        kv_segment_ids = segment_ids
     return attention_blocked(q, k, v, q_positions, kv_positions, segment_ids, kv_segment_ids,
                              scale=scale, window=window, kv_sinks=kv_sinks), None
 
@@ -149,10 +160,7 @@ def attention(q, k, v, *, scale=None, segment_ids=None, kv_segment_ids=None, q_p
         o, _ = OP.run(name, (q, k, v), segment_ids=segment_ids, q_positions=q_positions,
                       kv_positions=kv_positions, kv_segment_ids=kv_segment_ids, scale=scale,
                       window=window, kv_sinks=kv_sinks)
-    else:
-        # cudnn partitions itself (jax's custom partitioning); splash shards over batch AND
-        # heads itself, so neither goes through Op.run's batch-only shard_map.
-        fn = OP.implementation(name)
-        o, _ = fn(q, k, v, segment_ids=None if plain else segment_ids, scale=scale,
-                  window=window)
+    else:  # the fused kernels: splash runs per (batch, head) shard, cuDNN partitions itself
+        o, _ = OP.run(name, (q, k, v), segment_ids=None if plain else segment_ids, scale=scale,
+                      window=window)
     return o
