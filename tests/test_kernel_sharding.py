@@ -8,6 +8,7 @@ themselves are checked here under abstract meshes, with no devices.
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -123,6 +124,20 @@ def test_a_kernel_that_cannot_shard_gives_way_to_chunked_once(caplog):
     assert o.shape == (3, 8, 4, 16)
     with jax.sharding.use_abstract_mesh(_mesh((1, 1, 2))):
         assert op.placed("mosaic_tpu", arrays) == "mosaic_tpu"
+
+
+@pytest.mark.parametrize("batch, heads, spec", [(3, 4, "P(None, None, 'tensor', None)"),
+                                                (4, 3, "P('data', None, None, None)")])
+def test_a_chunked_form_that_scans_the_batch_runs_on_the_part_of_the_mesh_that_divides(
+        batch, heads, spec):
+    """simple_gla's chunked scan runs over B·NB blocks (Op.shard_map_impls): a batch of 3
+    splits its heads only, 3 heads its batch only; nothing is logged (it is no fallback)."""
+    op = registered_ops()["simple_gla"]
+    arrays = (_sds(batch, 8, heads, 16),) * 3 + (_sds(batch, 8, heads),)
+    f = lambda a: op.function(*a, impl="chunked")
+    with jax.sharding.use_abstract_mesh(_mesh((2, 1, 2))):
+        jaxpr = str(jax.make_jaxpr(f)(arrays))
+    assert re.search(r"in_specs=\(" + re.escape(spec), jaxpr), jaxpr[:2000]
 
 
 def test_head_axes_must_match_the_arrays():

@@ -21,7 +21,8 @@ mesh when lowering):
   would fail anyway ("Mosaic kernels cannot be automatically partitioned").
 * Every other implementation is plain XLA: its inputs and outputs are constrained to the same
   layout (a dimension the mesh does not divide stays whole), so propagation keeps heads local.
-  Those in ``Op.shard_map_impls`` run per shard like the kernels where the mesh divides them.
+  Those in ``Op.shard_map_impls`` run per shard like the kernels, over the part of the mesh
+  that divides their shapes (batch and heads, heads only, or batch only).
 
 Implementation contract (every entry of ``Op.impls``)::
 
@@ -117,20 +118,13 @@ class Op:
                              f"{len(self.head_axes)} arrays, the op passed {len(arrays)}")
         return self.head_axes
 
-    def _problem(self, arrays: tuple, initial_state):
-        """(the mesh layout or None, why ``arrays`` cannot run per shard of it or None)."""
-        layout = sharding.mesh_layout()
-        if layout is None:
-            return None, None
-        return layout, sharding.shard_problem(layout, arrays, self.heads_of(arrays),
-                                              initial_state)
-
     def placed(self, name: str, arrays: tuple, initial_state=None) -> str:
         """The implementation that runs resolved ``name`` on the current mesh: a kernel whose
         shapes the mesh does not divide gives way to ``fallback`` (logged once)."""
-        if name not in KERNEL_IMPLS:
+        layout = sharding.mesh_layout()
+        if name not in KERNEL_IMPLS or layout is None:
             return name
-        layout, problem = self._problem(arrays, initial_state)
+        problem = sharding.shard_problem(layout, arrays, self.heads_of(arrays), initial_state)
         if problem is None:
             return name
         sharding.note_fallback(self.name, name, self.fallback, arrays, layout, problem)
@@ -168,9 +162,12 @@ class Op:
             return fn(*xs, initial_state=state, segment_ids=seg,
                       output_final_state=output_final_state, **static)
 
-        layout, problem = self._problem(arrays, initial_state)
-        if layout is not None and problem is None and (name in KERNEL_IMPLS
-                                                        or name in self.shard_map_impls):
+        layout = sharding.mesh_layout()
+        if layout is not None and name in self.shard_map_impls:
+            layout = sharding.divisible_part(layout, arrays, heads, initial_state)
+        elif name not in KERNEL_IMPLS:
+            layout = None                   # a kernel still named here: the mesh divides it
+        if layout is not None:
             o, final = sharding.run_per_shard(call, layout, arrays, heads, initial_state,
                                               segment_ids)
         elif name in KERNEL_IMPLS:                    # no multi-device mesh

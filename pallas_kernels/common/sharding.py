@@ -41,8 +41,8 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["BATCH_MESH_AXES", "HEAD_MESH_AXIS", "SEQUENCE_HEAD_AXIS", "STATE_HEAD_AXIS",
-           "MeshLayout", "mesh_layout", "groups_aligned", "shard_problem", "note_fallback",
-           "run_per_shard", "constrain_heads", "constrain_state"]
+           "MeshLayout", "mesh_layout", "groups_aligned", "shard_problem", "divisible_part",
+           "note_fallback", "run_per_shard", "constrain_heads", "constrain_state"]
 
 BATCH_MESH_AXES = ("data", "fsdp")
 HEAD_MESH_AXIS = "tensor"
@@ -153,6 +153,17 @@ def shard_problem(layout: MeshLayout, arrays, head_axes, initial_state=None) -> 
             problems.append(f"grouped heads {sorted(set(counts))} would not stay aligned over "
                             f"{layout.heads} = {n}")
     return "; ".join(problems) or None
+
+
+def divisible_part(layout: MeshLayout, arrays, head_axes, initial_state=None):
+    """The largest part of ``layout`` the shapes divide (batch and heads, heads only, batch
+    only), or None: where a pure-JAX form may run per shard when a kernel could not."""
+    for part in (layout, dataclasses.replace(layout, batch=()),
+                 dataclasses.replace(layout, heads=None)):
+        if (part.batch or part.heads) and shard_problem(part, arrays, head_axes,
+                                                        initial_state) is None:
+            return part
+    return None
 
 
 def note_fallback(op: str, impl: str, fallback: str, arrays, layout: MeshLayout,
