@@ -1,6 +1,11 @@
 """Softmax attention: every implementation against the reference, and the layer's cache."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +16,7 @@ from flax import nnx
 from layers.attention import Attention
 from pallas_kernels.attention import attention
 from pallas_kernels.attention import blocked as blocked_lib
+from pallas_kernels.attention import gpu
 from pallas_kernels.attention.gpu import segment_offsets
 from pallas_kernels.attention.memory import fwd_bwd_memory
 from pallas_kernels.attention.tpu import attention_splash
@@ -344,10 +350,6 @@ def test_cudnn_lowers_for_cuda_from_cpu():
     version and the GPU's capability while tracing; the probes are patched to a Hopper with
     cuDNN 9.10 (an abstract GPU mesh does not work: jax 0.11 needs devices for its custom
     partitioning)."""
-    from unittest import mock
-
-    from pallas_kernels.attention import gpu
-
     mod = gpu.cudnn_entry()
     assert mod is not None, "jax's packed cuDNN entry is missing"
     q, k, v = jax.eval_shape(lambda: _qkv(2, 256, 4, 2, 128, jnp.bfloat16))
@@ -368,3 +370,47 @@ def test_cudnn_lowers_for_cuda_from_cpu():
     for field in ('"mask_type": "PADDING_CAUSAL"', '"sliding_window_length": 64',
                   '"max_seg_per_batch": 256'):
         assert field in config, field
+
+
+_SHARDED_BLOCKED = r'''
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.getcwd())
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from pallas_kernels.attention import attention
+
+rng = np.random.default_rng(0)
+shapes = ((4, 96, 8, 16), (4, 96, 4, 16), (4, 96, 4, 16), (4, 96, 8, 16))
+q, k, v, ct = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in shapes)
+seg = jnp.asarray(np.repeat([[1] * 40 + [2] * 50 + [0] * 6], 4, 0).astype(np.int32))
+
+def fwd_bwd(q, k, v, ct, seg):
+    f = lambda q, k, v: attention(q, k, v, segment_ids=seg, window=33, impl="blocked")
+    o, vjp = jax.vjp(f, q, k, v)
+    return (o,) + vjp(ct)
+
+want = jax.jit(fwd_bwd)(q, k, v, ct, seg)
+mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+x, s = NamedSharding(mesh, P("data", None, "tensor", None)), NamedSharding(mesh, P("data", None))
+with jax.set_mesh(mesh):
+    f = jax.jit(fwd_bwd, in_shardings=(x, x, x, x, s), out_shardings=(x,) * 4)
+    compiled = f.lower(q, k, v, ct, seg).compile()
+    got = compiled(*(jax.device_put(a, sh) for a, sh in zip((q, k, v, ct, seg), (x,) * 4 + (s,))))
+hlo = compiled.as_text()
+print(json.dumps({"collectives": sum(hlo.count(c + "(") for c in
+                                     ("all-gather", "all-to-all", "all-reduce", "collective-permute")),
+                  "error": max(float(jnp.abs(a - b).max()) for a, b in zip(got, want))}))
+'''
+
+
+def test_blocked_under_a_data_x_tensor_mesh_equals_one_device():
+    """8 simulated devices, (data 2, fsdp 1, tensor 4), batch and heads (8 q, 4 kv) sharded: the
+    compiled fwd + bwd of "blocked" has no collective and equals one device's exactly."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _SHARDED_BLOCKED], cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"collectives": 0, "error": 0.0}, result
