@@ -31,7 +31,8 @@ Implementation contract (every entry of ``Op.impls``)::
 
 ``arrays`` are the op's positional inputs, batch-leading ``[B, T, ...]``; kernel entries also take
 ``interpret``. ``static`` are the op's keyword options (scale, chunk sizes, flags), passed through
-unchanged.
+unchanged; arrays among them (attention's dense mask, Titans' memory0) are not split, so an
+implementation that runs per shard (a kernel, ``Op.shard_map_impls``) takes none.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import importlib
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.common import resolve_impl, sharding
 
