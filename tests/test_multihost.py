@@ -134,6 +134,7 @@ def test_initialize_refuses_inconsistent_arguments(no_cluster, kwargs, message):
 def test_initialize_without_a_cluster_or_flags_is_one_process(no_cluster):
     assert initialize() == "one process"
     assert initialize(num_processes=1, process_id=0) == "one process"
+    assert initialize(coordinator="10.0.0.1:1234", num_processes=1) == "one process"
 
 
 def test_slurm_is_detected_from_its_environment(no_cluster, monkeypatch):
@@ -281,3 +282,5 @@ def test_a_one_task_slurm_job_starts_nothing(no_cluster, monkeypatch):
                      SLURM_PROCID="0", SLURM_LOCALID="0").items():
         monkeypatch.setenv(k, v)
     assert initialize() == "one process"
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # a 2-task job, opted out by --num_processes 1
+    assert initialize(num_processes=1) == "one process"

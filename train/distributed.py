@@ -7,7 +7,8 @@ backend. It starts `jax.distributed` when there is more than one process to join
   * otherwise a hand-launched job: `--coordinator_address host:port` (process 0's address, a
     free port), `--num_processes P` and `--process_id i` on each process, or the environment
     variable JAX_COORDINATOR_ADDRESS for the first.
-With none of these the run is one process and nothing is started.
+With none of these, or with `--num_processes 1` (which also overrides a detected cluster), the
+run is one process and nothing is started; so is a detected cluster job of one task.
 
 `check_batch_axes(mesh)`: with P processes, each process loads its own slice of the global
 batch (rows [i*B/P, (i+1)*B/P) of step s, `train.data`) and `train.sharding.to_global` places it
@@ -95,6 +96,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     _check_args(coordinator, num_processes, process_id)
+    if num_processes == 1:  # also the way out of a cluster's detection (e.g. a lone k8s pod)
+        return "one process"
     env = _detected_env()
     cluster = env.__name__ if env is not None else None
     if env is not None and num_processes is None and coordinator is None:
@@ -107,7 +110,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if count == 1:
             return "one process"
     if cluster is None and not force:
-        if coordinator is None and (num_processes or 1) == 1:
+        if coordinator is None and num_processes is None:
             return "one process"
         missing = [name for name, v in (("--coordinator_address", coordinator),
                                         ("--num_processes", num_processes),
@@ -117,8 +120,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                               f"MPI, Cloud TPU) needs --coordinator_address, --num_processes "
                               f"and --process_id on every process; missing: "
                               f"{', '.join(missing)}")
-        if num_processes == 1:
-            return "one process"
     import jax  # noqa: PLC0415
     # Collectives between CPU devices of different processes; this setting concerns only the
     # CPU client, so on a GPU or TPU host it changes nothing for the accelerators.
