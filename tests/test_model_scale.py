@@ -123,7 +123,7 @@ def test_scanned_cache_decodes_like_the_forward():
     m = LM(cfg(n_layers=4, layer_types=("gdn", "attn") * 2, scan_layers=True), rngs=nnx.Rngs(0))
     full, _ = m(TOKENS)
     cache = m.init_cache(2, 20)
-    assert len(cache) == 2 and jax.tree.leaves(cache[3])[0].shape[0] == 2   # [R, ...] per slot
+    assert len(cache) == 2 and jax.tree.leaves(cache[1])[0].shape[0] == 2   # [R, ...] per slot
     pre, cache = m(TOKENS[:, :12], cache=cache)
     assert_close(pre, full[:, :12], jnp.float32)
     for t in range(12, 13):
