@@ -8,15 +8,14 @@ import re
 import signal
 import sys
 
-import jax
-
 faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints where a hung process waits
 
 pid, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train.distributed import initialize  # noqa: E402
+
+initialize(f"127.0.0.1:{port}", 2, pid)  # gloo collectives between the CPU processes
+
 from tests.train_utils import tiny_config  # noqa: E402
 from train import train_and_evaluate  # noqa: E402
 from train.interrupt import Interrupted  # noqa: E402
