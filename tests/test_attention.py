@@ -321,6 +321,7 @@ def test_splash_lowers_for_tpu(mesh_shape):
         return jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
     mesh = jax.sharding.AbstractMesh(mesh_shape, ("data", "tensor"),
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 2,
                                      abstract_device=jax.sharding.AbstractDevice(
                                          device_kind=kind, num_cores=1, platform=device_platform))
     with jax.sharding.use_abstract_mesh(mesh):
