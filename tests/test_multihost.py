@@ -284,3 +284,49 @@ def test_a_one_task_slurm_job_starts_nothing(no_cluster, monkeypatch):
     assert initialize() == "one process"
     monkeypatch.setenv("SLURM_NTASKS", "2")  # a 2-task job, opted out by --num_processes 1
     assert initialize(num_processes=1) == "one process"
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """gs:// served from memory: fsspec's "gs"/"gcs" protocols -> a MemoryFileSystem, which
+    is what epath (without TensorFlow) and TensorBoard reach a bucket through. (Orbax's own
+    GCS client, google-cloud-storage / tensorstore, is not covered: checkpoints need a bucket.)"""
+    import importlib
+
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store, pseudo_dirs = {}, [""]
+
+    registry = importlib.import_module("fsspec.registry")._registry
+    for name in FakeGCS.protocol:
+        monkeypatch.setitem(registry, name, FakeGCS)
+    backend.fsspec_backend._get_filesystem.cache_clear()  # epath caches its filesystems
+    yield FakeGCS.store
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_metrics_and_eval_results_on_a_gs_workdir(fake_gcs, capsys):
+    """metrics.jsonl (rewritten whole: an object cannot be appended to), the TensorBoard
+    events and the eval results file land in the bucket, under the URI as given."""
+    from train.eval import _report
+    w = MetricsWriter("gs://bucket/run")
+    for step in (1, 2):
+        w.write(step, {"loss": 1.0 / step})
+    w.close()
+    w = MetricsWriter("gs://bucket/run", resume_step=1)
+    w.write(2, {"loss": 7.0})
+    w.close()
+    path = epath.Path("gs://bucket/run") / "eval" / "step_2.json"
+    _report(path, 2, {"ppl": {"eval_loss": 1.5}}, {"sources": {"ppl": "heldout"}})
+    assert "wrote gs://bucket/run/eval/step_2.json" in capsys.readouterr().out
+    rows = [json.loads(ln) for ln in (epath.Path("gs://bucket/run") / "metrics.jsonl")
+            .read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 7.0}]
+    assert json.loads(path.read_text()) == {"step": 2, "ppl": {"eval_loss": 1.5},
+                                            "sources": {"ppl": "heldout"}}
+    keys = sorted(k.split("/run/")[1].split("/events.out")[0] for k in fake_gcs)
+    assert keys == ["eval/scalars.jsonl", "eval/step_2.json", "eval/tb", "metrics.jsonl",
+                    "tb", "tb"]
