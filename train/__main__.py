@@ -36,7 +36,8 @@ except (ValueError, FileNotFoundError) as _e:
     sys.exit(f"error: {_e}")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                           "ml-collections config file[:arg]", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "where checkpoints and logs go; "
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "where checkpoints and logs go: a "
+                               "folder or a bucket (gs://bucket/run, `pip install -e .[gcs]`); "
                                "started again on the same workdir, a run resumes")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "multi-process run started by hand: process 0's host:port "
