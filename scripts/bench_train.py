@@ -207,6 +207,13 @@ HEADER = (f"{'size':<6s} {'mixer':<11s} {'T':>6s} {'batch':>5s} {'step ms':>10s}
           f"{'compile':>8s}")
 
 
+def _write(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax  # noqa: PLC0415
@@ -245,10 +252,9 @@ def main(argv=None) -> int:
                 else:
                     print(_row(r), flush=True)
                 rows.append(r)
+                if args.json:  # after every case: a long run stopped early keeps what it has
+                    _write(args.json, {**meta, "cases": rows})
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({**meta, "cases": rows}, f, indent=1)
         print(f"wrote {args.json}")
     return 1 if any("error" in r for r in rows) else 0
 

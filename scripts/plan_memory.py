@@ -114,7 +114,8 @@ def describe(plan: dict) -> str:
     rows = [("params", per["params_bytes"]), ("optimizer", per["optimizer_bytes"]),
             ("temp", per["temp_bytes"]), ("total", per["total_bytes"])]
     lines = [f"parameters: {plan['n_params'] / 1e6:.1f}M; mesh (data, fsdp, tensor) = "
-             f"{tuple(plan['mesh'])}; batch {plan['batch_size']} x {plan['seq_len']} tokens",
+             f"{tuple(plan['mesh'])}; batch {plan['batch_size']} x {plan['seq_len']} tokens; "
+             f"compute {plan['dtype']}, remat {plan['remat']}",
              f"compiler: {plan['compiler']} (compiled in {plan['compile_s']:.1f} s)",
              "per device:"]
     lines += [f"  {name:<10s}{_gib(v)}" for name, v in rows]

@@ -160,8 +160,9 @@ def plan_memory(config, mesh_shape, devices=None, *, device: str | None = None) 
     """Compile `config`'s train step ahead of time on the (data, fsdp, tensor) mesh `mesh_shape`
     over `devices` (default: jax.devices()) and return its per-device bytes (module docstring):
     {"n_params", "per_device": {params_bytes, optimizer_bytes, temp_bytes, total_bytes, ...},
-    "compiler", "device", "device_bytes", "fits", "mesh", "batch_size", "seq_len",
-    "compile_s"}. Nothing is allocated and no data is read (`vocab_size_of`)."""
+    "compiler", "device", "device_bytes", "fits", "mesh", "batch_size", "seq_len", "dtype",
+    "remat", "compile_s"}. Nothing is allocated and no data is read (`vocab_size_of`); with a
+    GPU/TPU `device`, model.dtype "auto" is planned as bfloat16 (what it resolves to there)."""
     import time  # noqa: PLC0415
 
     import ml_collections  # noqa: PLC0415
@@ -174,6 +175,8 @@ def plan_memory(config, mesh_shape, devices=None, *, device: str | None = None) 
 
     memory = device_memory(device) if device is not None else None
     config = resolve_config(config, None)
+    if device not in (None, "cpu") and config.model.get("dtype") == "auto":
+        config.model.dtype = "bfloat16"     # what "auto" resolves to on the named GPU/TPU
     check_config(config, ())
     d, f, t = (int(s) for s in mesh_shape)
     mesh_cfg = ml_collections.ConfigDict(dict(data=d, fsdp=f, tensor=t))
@@ -202,6 +205,7 @@ def plan_memory(config, mesh_shape, devices=None, *, device: str | None = None) 
             "compiler": _compiler(devices), "device": device, "device_bytes": memory,
             "fits": None if memory is None else per_device["total_bytes"] <= FIT_MARGIN * memory,
             "fit_margin": FIT_MARGIN, "mesh": [d, f, t], "batch_size": gb, "seq_len": seq_len,
+            "dtype": str(model_cfg.dtype), "remat": str(model_cfg.remat),
             "compile_s": round(time.perf_counter() - t0, 2)}
 
 
