@@ -42,7 +42,8 @@ def checks():
 
 
 def _kernel_ops():
-    """Ops with an interpret-mode Pallas kernel (attention's splash runs its own shard_map)."""
+    """Ops with an interpret-mode Pallas kernel (attention() takes no ``interpret``: its splash
+    kernel's shard_map and fallback are lowered in tests/test_attention.py)."""
     return {name for name, _ in kernel_cases()}
 
 
