@@ -10,7 +10,7 @@ backend. It starts `jax.distributed` when there is more than one process to join
 With none of these, or with `--num_processes 1` (which also overrides a detected cluster), the
 run is one process and nothing is started; so is a detected cluster job of one task.
 
-`check_batch_axes(mesh)`: with P processes, each process loads its own slice of the global
+`check_batch_axes(mesh.devices, P)`: with P processes, each process loads its own slice of the global
 batch (rows [i*B/P, (i+1)*B/P) of step s, `train.data`) and `train.sharding.to_global` places it
 with `jax.make_array_from_process_local_data`, which maps a process's local rows onto the batch
 shards its devices hold. That is a distinct slice per process exactly when
@@ -19,7 +19,9 @@ shards its devices hold. That is a distinct slice per process exactly when
       two processes would need both to feed the same rows, and they feed different ones;
   (2) every process holds the same number of batch shards, (data*fsdp) / P — its local batch
       is B/P rows.
-A mesh breaking either is a ConfigError before anything compiles.
+A mesh breaking either is a ConfigError before anything compiles. A process's batch shards need
+not be adjacent (TPU device orders interleave hosts): its rows then land in the shards it holds,
+the global batch is a row permutation of the one-process batch, and its mean loss the same.
 """
 
 from __future__ import annotations
