@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.attention.blocked import attention_blocked
+from pallas_kernels.attention.gpu import cudnn_supported
 from pallas_kernels.attention.reference import attention_mask, attention_reference
 from pallas_kernels.attention.xla import attention_xla
 from pallas_kernels.common import check_float, check_segment_ids, check_shape
@@ -96,10 +97,9 @@ def _choose(impl: str, q, k, v, self_attention: bool) -> str:
     if impl == "auto":
         if name == "mosaic_tpu" and not (half and self_attention):
             return "blocked"
-        if name == "blocked" and half and self_attention and jax.default_backend() == "gpu":
-            from pallas_kernels.attention.gpu import cudnn_supported
-            if cudnn_supported(q, k, v):
-                return "cudnn"
+        if (name == "blocked" and half and self_attention and jax.default_backend() == "gpu"
+                and cudnn_supported(q, k, v)):
+            return "cudnn"
         return name
     if name in ("mosaic_tpu", "cudnn") and not self_attention:
         return "blocked"
