@@ -109,9 +109,8 @@ def test_pallas_kernels_run_per_batch_shard_under_a_mesh():
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-3000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
-    from pallas_kernels.common.frame import registered_ops   # every kernel of the registry
-    expected = {f"{name}/{impl}" for name, op in registered_ops().items() if op.bench
-                for impl in ("triton", "mosaic_tpu") if impl in op.impls}
+    from tests.sharded_kernels import kernel_cases   # every interpret-mode kernel of the registry
+    expected = {f"{name}/{impl}" for name, impl in kernel_cases()}
     assert {"simple_gla/triton", "gated_delta_rule/mosaic_tpu", "titans/triton"} <= expected
     assert set(errors) == expected and max(errors.values()) < 1e-3, errors
 
