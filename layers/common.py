@@ -303,15 +303,20 @@ class StreamConvs(nnx.Module):
 
     ``channels`` {stream name: width}; the convs are attributes of those names (parameters
     ``<name>.w``), made in that order. The cache is {name: [B, K − 1, C_s]}.
+    A stream's channels are whole heads (h·D + d), so its conv is split over the tensor axis
+    like the projection feeding it (logical axis "heads"); ``shared`` names streams that every
+    head reads (Mamba's B and C), whose convs stay whole.
     """
 
     def __init__(self, channels: dict[str, int], kernel_size: int = 4, *,
-                 activation: bool = True, use_bias: bool = False, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 activation: bool = True, use_bias: bool = False, shared: tuple[str, ...] = (),
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         self.names = tuple(channels)
         for name, width in channels.items():
             setattr(self, name, CausalConv1d(width, kernel_size, activation=activation,
-                                             use_bias=use_bias, dtype=dtype, rngs=rngs))
+                                             use_bias=use_bias,
+                                             axis_name=None if name in shared else "heads",
+                                             dtype=dtype, rngs=rngs))
 
     def _convs(self):
         return [(name, getattr(self, name)) for name in self.names]

@@ -47,7 +47,7 @@ class Mamba2(nnx.Module):
         self.B_proj, self.C_proj = lin(gn, ("embed", None)), lin(gn, ("embed", None))
         self.dt_proj = lin(num_heads)
         self.conv = StreamConvs({"x": d_inner, "B": gn, "C": gn}, conv_size, activation=True,
-                                use_bias=True, dtype=dtype, rngs=rngs)
+                                use_bias=True, shared=("B", "C"), dtype=dtype, rngs=rngs)
         key_a, key_dt = jax.random.split(rngs.params())
         a = jax.random.uniform(key_a, (num_heads,), jnp.float32, 1.0, 16.0)
         dt = jnp.exp(jax.random.uniform(key_dt, (num_heads,), jnp.float32, math.log(dt_min),

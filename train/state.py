@@ -98,9 +98,11 @@ class TrainState:
                 return nnx.to_pure_dict(nnx.split(LM(cfg, rngs=nnx.Rngs(seed)))[1])
         return jax.jit(init, out_shardings=self.param_shardings)()
 
-    def init(self) -> dict:
-        """A fresh {"params", "opt_state", "step"}; optimizer moments follow the params' sharding."""
-        params = self.init_params()
+    def init(self, params=None) -> dict:
+        """A fresh {"params", "opt_state", "step"} from newly initialised parameters (or from
+        `params`, placed on the mesh); the optimizer moments get the params' shardings."""
+        params = (self.init_params() if params is None
+                  else jax.device_put(params, self.param_shardings))
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
         return {"params": params, "opt_state": opt_state, "step": step}
