@@ -115,6 +115,7 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
     say = print if is_main else (lambda *a, **k: None)
 
     # 2. Model, optimizer state, resume.
+    peak = device_peak_flops()  # a one-device matmul: measured outside the mesh context
     with jax.set_mesh(mesh):
         try:
             ts = TrainState(model_cfg, mesh, int(config.seed), tc)
@@ -151,7 +152,6 @@ def train_and_evaluate(config, workdir: str, *, explicit=None) -> dict:
                                           abstract_batch(gb, seq_len, bsh)).compile()
             check_fits(train_step, ts.abstract_state(), config, mesh, say=say)
         fpt = ts.abstract_model.train_flops_per_token(seq_len)  # each mixer's own count
-        peak = device_peak_flops()
         log_every = max(1, int(tc.log_every))
         every = max(1, int(config.checkpoint.every))
         it = data.iterator(start, batch_size=gb, process_index=jax.process_index(),
