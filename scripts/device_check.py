@@ -255,13 +255,27 @@ def _run_child(case: Case, small: bool, out_dir: str) -> dict:
             "error": f"child exited {proc.returncode} without a result:\n{proc.stderr[-4000:]}"}
 
 
+EPILOG = """examples:
+  python scripts/device_check.py
+  python scripts/device_check.py --cases cudnn_packing,memory --small
+  OUT=/tmp/dc python scripts/device_check.py
+"""
+
+
 def main(argv=None) -> dict:
     names = [c.name for c in CASES]
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description="Runs the GPU (or TPU) machine's checks, each case in its own process with a "
+                    "time cap, and writes $OUT/device_check.json (default ./device_check_out) "
+                    "after every case: its status, seconds, result or error text.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(names),
-                   help=f"comma-separated, in the order given; from: {', '.join(names)}")
-    p.add_argument("--small", action="store_true", help="small shapes (a CPU smoke test)")
-    p.add_argument("--inline", action="store_true", help="run cases in this process, no caps")
+                   help=f"comma-separated, in the order given; from: {', '.join(names)} "
+                        f"(default: all, in that order)")
+    p.add_argument("--small", action="store_true",
+                   help="small shapes, a CPU smoke test (default: off)")
+    p.add_argument("--inline", action="store_true",
+                   help="run cases in this process, without time caps (default: off)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
