@@ -97,24 +97,6 @@ def abstract_batch(batch_size: int, seq_len: int, sharding: NamedSharding) -> di
     return {k: x for k in ("inputs", "targets", "segment_ids", "positions")}
 
 
-def _abstract_state(ts) -> dict:
-    """`TrainState.abstract_state()`; built here for a TrainState that predates it (moments
-    sharded like their parameters, through optax.tree_map_params)."""
-    if hasattr(ts, "abstract_state"):
-        return ts.abstract_state()
-    import optax  # noqa: PLC0415
-    from train.sharding import replicated  # noqa: PLC0415
-    params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          ts.param_shapes, ts.param_shardings)
-    opt = jax.eval_shape(ts.tx.init, params)
-    rep = replicated(ts.mesh)
-    opt_sh = optax.tree_map_params(ts.tx, lambda _, sh: sh, opt, ts.param_shardings,
-                                   transform_non_params=lambda _: rep)
-    opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt, opt_sh)
-    return {"params": params, "opt_state": opt,
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-
-
 def memory_report(compiled, abstract_state: dict) -> dict:
     """Per-device bytes of a compiled train step (module docstring): params_bytes,
     optimizer_bytes (from the shardings), temp_bytes, total_bytes and the raw argument / output /
@@ -193,7 +175,7 @@ def plan_memory(config, mesh_shape, devices=None, *, device: str | None = None) 
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         ts = TrainState(model_cfg, mesh, int(config.seed), config.train)
-        state = _abstract_state(ts)
+        state = ts.abstract_state()
         shardings = jax.tree.map(lambda x: x.sharding, state)
         bsh = batch_sharding(mesh)
         mb = int(config.train.get("microbatches", 1))

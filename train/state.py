@@ -47,6 +47,12 @@ def build_model_config(model_cfg, vocab_size: int) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
+def _with_shardings(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` (arrays or structs) carrying `shardings` (same tree)."""
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        shapes, shardings)
+
+
 @dataclasses.dataclass
 class TrainState:
     model_cfg: ModelConfig
@@ -71,22 +77,19 @@ class TrainState:
 
     def abstract_params(self) -> dict:
         """The parameters as ShapeDtypeStructs carrying their shardings."""
-        return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            self.param_shapes, self.param_shardings)
+        return _with_shardings(self.param_shapes, self.param_shardings)
 
     def _opt_shardings(self):
         """Each moment gets its parameter's sharding; non-parameter leaves are replicated."""
-        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params())
+        self._abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params())
         rep = replicated(self.mesh)
-        return optax.tree_map_params(self.tx, lambda _, sh: sh, abstract_opt, self.param_shardings,
-                                     transform_non_params=lambda _: rep)
+        return optax.tree_map_params(self.tx, lambda _, sh: sh, self._abstract_opt,
+                                     self.param_shardings, transform_non_params=lambda _: rep)
 
     def abstract_state(self) -> dict:
         """{"params", "opt_state", "step"} as ShapeDtypeStructs with their shardings."""
         params = self.abstract_params()
-        opt = jax.eval_shape(self.tx.init, params)
-        opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                           opt, self.opt_shardings)
+        opt = _with_shardings(self._abstract_opt, self.opt_shardings)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh))
         return {"params": params, "opt_state": opt, "step": step}
 
