@@ -26,13 +26,13 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests.train_utils import tiny_config  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.data import load_data  # noqa: E402
+from train.memory import tree_shard_bytes  # noqa: E402
 from train.sharding import batch_sharding, make_mesh, replicated, to_global  # noqa: E402
 from train.state import TrainState, build_model_config  # noqa: E402
 from train.step import loss_and_grads, make_train_step  # noqa: E402
@@ -78,17 +78,13 @@ def max_rel_err(a, b):
     return max(errs)
 
 
-def shard_bytes(sharding, shape, dtype) -> int:
-    return math.prod(sharding.shard_shape(shape)) * jnp.dtype(dtype).itemsize
-
-
 def state_report(ts) -> dict:
     """Per-device vs total bytes of the whole state, and whether every moment has its param's
     sharding."""
     abstract = ts.abstract_state()
     leaves = jax.tree.leaves(abstract)
     total = sum(x.size * x.dtype.itemsize for x in leaves)
-    per_device = sum(shard_bytes(x.sharding, x.shape, x.dtype) for x in leaves)
+    per_device = tree_shard_bytes(abstract)
     adam = [s for s in jax.tree.leaves(ts.opt_shardings, is_leaf=lambda x: hasattr(x, "mu"))
             if hasattr(s, "mu")]
     same = bool(adam) and all(
