@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from typing import Any, Callable, Mapping
 
 import jax
@@ -49,6 +50,7 @@ __all__ = ["Op", "BenchSpec", "registered_ops", "sequence_or_step"]
 
 KERNEL_IMPLS = ("triton", "mosaic_tpu", "mosaic_gpu")
 _REGISTRY: dict[str, "Op"] = {}
+_UNSUPPORTED_LOGGED: set = set()
 
 
 def _load(path: str) -> Callable:
@@ -86,12 +88,15 @@ class Op:
     ``[B, T, H, ...]`` sequences and ``[B, T, H]`` gates. ``shard_map_impls`` are pure-JAX
     implementations that run per shard like the kernels (their only array arguments are the
     positional arrays, the state and segment_ids): those whose scan runs over the batch
-    (B·NB blocks in one ``lax.scan``), which XLA's partitioner cannot split and all-gathers."""
+    (B·NB blocks in one ``lax.scan``), which XLA's partitioner cannot split and all-gathers.
+    ``tables`` names, per kernel impl, the ``triton_support.KernelTable`` ("module:NAME") of
+    the shapes, dtypes and architectures it supports (see :meth:`supported`)."""
     name: str
     impls: Mapping[str, str]
     fallback: str = "chunked"
     head_axes: tuple[int | None, ...] | None = None
     shard_map_impls: tuple[str, ...] = ()
+    tables: Mapping[str, str] = dataclasses.field(default_factory=dict)
     bench: BenchSpec | None = None
     public: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
@@ -117,6 +122,28 @@ class Op:
             raise ValueError(f"{self.name}: head_axes {self.head_axes} declares "
                              f"{len(self.head_axes)} arrays, the op passed {len(arrays)}")
         return self.head_axes
+
+    def supported(self, name: str, impl: str, arrays: tuple, static: Mapping,
+                  interpret: bool) -> str:
+        """``name`` if its kernel table takes this call; else, under ``impl="auto"``, the
+        fallback (the reason logged once), and under an explicit impl a ValueError."""
+        if name not in self.tables:
+            return name
+        from pallas_kernels.common import triton_call
+        reason = triton_call.missing() if name == "triton" else None
+        if reason is None:
+            table = _load(self.tables[name])
+            reason = table.problem(arrays, static, triton_call.capability(), interpret)
+        if reason is None:
+            return name
+        if impl != "auto":
+            raise ValueError(f"{self.name}: impl={name!r} cannot run this call: {reason}")
+        key = (self.name, name, reason)
+        if key not in _UNSUPPORTED_LOGGED:
+            _UNSUPPORTED_LOGGED.add(key)
+            logging.getLogger(__name__).warning("%s: impl='auto' runs %r instead of %r: %s",
+                                                self.name, self.fallback, name, reason)
+        return self.fallback
 
     def placed(self, name: str, arrays: tuple, initial_state=None) -> str:
         """The implementation that runs resolved ``name`` on the current mesh: a kernel whose
@@ -151,7 +178,8 @@ class Op:
         (the chunked form's chunk size). Returns ``(o, final_state)`` with ``final_state = None``
         unless asked for.
         """
-        name = self.placed(self.resolve(impl), arrays, initial_state)
+        name = self.supported(self.resolve(impl), impl, arrays, static, interpret)
+        name = self.placed(name, arrays, initial_state)
         fn = self.implementation(name)
         static = {**static, **(impl_kwargs or {}).get(name, {})}
         if name in KERNEL_IMPLS:
