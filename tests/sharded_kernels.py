@@ -42,9 +42,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from pallas_kernels.common import triton_call  # noqa: E402
 from pallas_kernels.common.frame import registered_ops  # noqa: E402
 
-KERNELS = ("triton", "mosaic_tpu")
+# Triton kernels run on a CPU only in Triton's interpreter (a process started with
+# TRITON_INTERPRET=1: tests/test_triton_sharding.py in the gpu-check venv).
+KERNELS = ((("triton",) if triton_call.missing() is None and triton_call.interpreter_on() else ())
+           + ("mosaic_tpu",))
 B, T, H, D = 4, 40, 2, 16
 NO_SEGMENTS = {"titans"}           # its kernels take no segment_ids (linear memory, one document)
 GROUPED = {"simple_gla", "gated_delta_rule", "gla", "kda"}    # q/k may have fewer heads than v

@@ -111,7 +111,8 @@ def test_pallas_kernels_run_per_batch_shard_under_a_mesh():
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     from tests.sharded_kernels import kernel_cases   # every interpret-mode kernel of the registry
     expected = {f"{name}/{impl}" for name, impl in kernel_cases()}
-    assert {"simple_gla/triton", "gated_delta_rule/mosaic_tpu", "titans/triton"} <= expected
+    # Triton kernels need Triton's interpreter process (tests/test_triton_sharding.py).
+    assert {"simple_gla/mosaic_tpu", "gated_delta_rule/mosaic_tpu", "titans/mosaic_tpu"} <= expected
     assert set(errors) == expected and max(errors.values()) < 1e-3, errors
 
 
