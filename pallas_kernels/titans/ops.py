@@ -100,6 +100,7 @@ _HERE = "pallas_kernels.titans.ops:"
 OP = Op("titans",
         impls={"reference": _HERE + "_reference", "chunked": _HERE + "_chunked",
                "triton": _HERE + "_triton", "mosaic_tpu": _HERE + "_tpu_kernel"},
+        tables={"triton": "pallas_kernels.titans.gpu:TABLE"},
         bench=BenchSpec(inputs=_bench_inputs, lengths=(1024, 4096),
                         shapes=({"B": 1, "H": 4, "D": 64, "memory": "linear"},
                                 {"B": 1, "H": 4, "D": 64, "memory": "mlp2"}),
@@ -214,7 +215,7 @@ def titans(q, k, v, theta, eta, alpha, memory0, *, block_size: int, momentum0=No
     (raises eagerly; under ``jax.jit`` wrap the jitted caller in ``checkify.checkify``).
     ``impl="triton"`` / ``"mosaic_tpu"`` (the GPU / TPU default where they apply) run the Pallas
     kernels of ``gpu.py`` / ``tpu.py``: linear memory, no ``segment_ids`` / ``initial_state``,
-    block_size a power of two >= 16 (Triton) or a multiple of 8 (TPU); elsewhere "auto" takes
+    block_size a power of two in 16..64 (Triton) or a multiple of 8 (TPU); elsewhere "auto" takes
     "chunked". ``interpret`` runs the kernels in Pallas' interpreter.
     Returns (y [B, T, H, Dv] in q's dtype, final state dict or None).
     """
