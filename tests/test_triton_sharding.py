@@ -16,8 +16,12 @@ import pytest
 from pallas_kernels.common import triton_call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(triton_call.missing() is not None,
-                                reason=f"needs the gpu-check extra: {triton_call.missing()}")
+pytestmark = [
+    pytest.mark.skipif(triton_call.missing() is not None,
+                       reason=f"needs the gpu-check extra: {triton_call.missing()}"),
+    pytest.mark.skipif(triton_call.interpreter_on(),       # it starts its own interpreter process
+                       reason="runs from the process without the interpreter"),
+]
 
 
 def test_triton_kernels_run_per_shard_and_equal_one_device():
