@@ -70,10 +70,10 @@ def _tiles(dtype, K: int, V: int) -> dict:
     (2·K·BV / (32·warps) registers per thread). The parallel kernels keep [b, BK] accumulators
     (five in ``bwd_dk``) and stream [BK, BV] state tiles."""
     big = K > 128
-    h = dict(BV=min(V, 16 if big else 32), num_warps=4, num_stages=1)
+    h = dict(BV=min(V, 16 if big else 32), num_warps=8, num_stages=1)
     o = dict(BK=min(K, 64), BV=min(V, 64), num_warps=4, num_stages=2)
     dk = dict(BK=min(K, 32 if jnp.dtype(dtype) == jnp.float32 else 64), BV=min(V, 32),
-              num_warps=4, num_stages=2)
+              num_warps=8, num_stages=2)
     return {"h": h, "o": o, "dk": dk}
 
 
