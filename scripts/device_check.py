@@ -4,7 +4,11 @@
     python scripts/device_check.py --cases cudnn_packing,memory --small
     OUT=/tmp/dc python scripts/device_check.py        # results in $OUT/device_check.json
 
-Needs only jax, numpy and this repository. Every case runs in a child process with a time cap
+Needs jax, numpy, this repository and, for the Triton kernels, triton and jax-triton (a GPU
+machine without jax-triton: ``pip install --no-deps jax_triton-0.4.1-py3-none-any.whl``, the
+wheel carried from ``pip download --no-deps jax-triton==0.4.1``). The caps add up to under
+8 minutes; cases run in priority order (the Triton kernels' numerics, their timings, then
+attention). Every case runs in a child process with a time cap
 (a hung or crashed case cannot take the others down, and an out-of-memory one frees the device),
 and the parent rewrites ``$OUT/device_check.json`` (default ``./device_check_out``) after every
 case: ``{"env": ..., "cases": {name: {"status", "seconds", "result" | "error"}}}`` with status
@@ -206,10 +210,152 @@ def case_memory(small: bool) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------- the Triton kernels
+KERNEL_OPS = ("simple_gla", "gated_delta_rule", "titans")
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device kind substring.
+BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "B200": 2250.0, "GH200": 989.4}
+# Nominal chunk FLOPs per token and head of the forward (C = 64-token chunks, K = V = D), the
+# matmuls of the chunked algorithm: simple_gla q·kᵀ, A·v, q·S, kᵀ·v; the gated delta rule adds
+# k·kᵀ, the WY products w = T·k, u = T·v and w·S. The backward counts twice the forward.
+NOMINAL = {"simple_gla": lambda C, K, V: 2 * (C * K + C * V + 2 * K * V),
+           "gated_delta_rule": lambda C, K, V: 2 * (2 * C * K + 2 * C * V + C * C + 3 * K * V),
+           "titans": lambda C, K, V: 2 * (2 * C * K + 2 * C * V + 4 * K * V)}
+
+
+def _op_call(name: str, impl: str, B: int, T: int, H: int, D: int, dtype, segments: bool,
+             seed: int = 0):
+    """(fwd(*arrays) -> o, arrays, o's shape) of a registered op at (B, T, H, D) in dtype, its
+    BenchSpec's inputs and keywords; segments: row 0 packs three documents and padding."""
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels.common.frame import registered_ops
+
+    op = registered_ops()[name]
+    spec = op.bench
+    extra = {k: v for k, v in spec.shapes[0].items() if k not in ("B", "H", "D")}
+    arrays = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                          else x, tuple(spec.inputs(jax.random.key(seed), B=B, T=T, H=H, D=D,
+                                                    **extra)))
+    kw = dict(spec.kwargs)
+    if segments and name != "titans":          # Titans' kernels take one document per row
+        kw["segment_ids"] = _packed_segments(B, T)
+    fwd = lambda *a: jax.tree.leaves(op.function(*a, impl=impl, **kw))[0]
+    return fwd, arrays
+
+
+def _fwd_and_grads(fwd, arrays, seed=1):
+    """jitted forward and jitted (o, grads) for a fixed random cotangent."""
+    import jax
+
+    o_shape = jax.eval_shape(fwd, *arrays)
+    ct = jax.random.normal(jax.random.key(seed), o_shape.shape).astype(o_shape.dtype)
+
+    def fwd_bwd(*a):
+        o, vjp = jax.vjp(fwd, *a)
+        return o, vjp(ct)
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def _kernel_pair(small: bool) -> tuple[str, str]:
+    """(implementation checked, its baseline): ("triton", "chunked") on a GPU; on a CPU with
+    --small, ("chunked", "reference") so the harness itself can be smoke-tested."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        return "triton", "chunked"
+    if small:
+        return "chunked", "reference"
+    raise Skip("no GPU: the Triton kernels run on NVIDIA GPUs")
+
+
+def case_kernels_numerics(small: bool) -> dict:
+    """Every Triton kernel family (interpret off) against its chunked form: bf16 and float32
+    (TF32 dots), D = 64/128/256, odd T, packed documents; output and every gradient."""
+    import jax
+    import jax.numpy as jnp
+    from tests.tolerance import TOL
+
+    fast, base = _kernel_pair(small)
+    B, T, H = (1, 200, 2) if small else (2, 1000, 4)
+    result, passed, t0 = {}, True, time.perf_counter()
+    for D in (128, 256, 64):                          # in priority order, under a time budget
+        for name in KERNEL_OPS:
+            for dtype, row in ((jnp.bfloat16, "bfloat16"), (jnp.float32, "tfloat32")):
+                key = f"{name}/{jnp.dtype(dtype).name}/D{D}"
+                if time.perf_counter() - t0 > CASE_BUDGET_FRACTION * 150:
+                    result[key] = {"skipped": "time budget"}
+                    continue
+                try:
+                    outs = {}
+                    for impl in (fast, base):
+                        fwd, arrays = _op_call(name, impl, B, T, H, D, dtype, segments=True)
+                        o, grads = _fwd_and_grads(fwd, arrays)[1](*arrays)
+                        outs[impl] = [o, *jax.tree.leaves(grads)]
+                    errs = [_rel_err(a, b) for a, b in zip(outs[fast], outs[base])]
+                    ok = errs[0] <= TOL[row]["out"][0] and max(errs[1:]) <= TOL[row]["grad"][0]
+                    result[key] = {"o": errs[0], "grads_max": max(errs[1:]), "passed": ok}
+                    passed &= ok
+                except Exception as e:
+                    result[key] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
+                    passed = False
+    result["passed"] = bool(passed)
+    return result
+
+
+CASE_BUDGET_FRACTION = 0.8      # a case starts no new configuration after this share of its cap
+
+
+def _timing(name: str, small: bool, cap: float) -> dict:
+    """triton vs chunked, forward and forward + backward, bf16, D = 128: first the headline
+    (B=2, H=16, T=16k: speed-up and nominal TFLOP/s against the bf16 peak), then B·H in
+    {32, 128} × T in {4k, 16k, 64k}, each with the compiled fwd+bwd's memory_analysis."""
+    import jax
+    import jax.numpy as jnp
+
+    fast, base = _kernel_pair(small)
+    D, C = (32, 64) if small else (128, 64)
+    grid = [(2, 16, 16384)] + [(b, 16, t) for t in (4096, 16384, 65536) for b in (2, 8)
+                               if (b, t) != (2, 16384)]
+    if small:
+        grid = [(1, 2, 512), (2, 2, 1024)]
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in BF16_PEAK.items() if k in kind), None)
+    out, t0 = {"device_kind": kind, "bf16_peak_tflops": peak}, time.perf_counter()
+    for B, H, T in grid:
+        key = f"B{B}_H{H}_T{T}"
+        if time.perf_counter() - t0 > CASE_BUDGET_FRACTION * cap:
+            out[key] = {"skipped": "time budget"}
+            continue
+        row = {}
+        for impl in (fast, base):
+            try:
+                fwd, arrays = _op_call(name, impl, B, T, H, D, jnp.bfloat16, segments=False)
+                f, fb = _fwd_and_grads(fwd, arrays)
+                mem = fb.lower(*arrays).compile().memory_analysis()
+                row[impl] = {"fwd_ms": _best_time(f, *arrays, reps=3) * 1e3,
+                             "fwd_bwd_ms": _best_time(fb, *arrays, reps=3) * 1e3,
+                             "fwd_bwd_temp_MiB": getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20}
+            except Exception as e:
+                row[impl] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
+        if "fwd_bwd_ms" in row.get(fast, {}):
+            flops = 3 * B * H * T * NOMINAL[name](C, D, D)
+            row[fast]["nominal_tflops"] = flops / (row[fast]["fwd_bwd_ms"] / 1e3) / 1e12
+            if peak:
+                row[fast]["share_of_peak"] = row[fast]["nominal_tflops"] / peak
+            if "fwd_bwd_ms" in row.get(base, {}):
+                row["fwd_bwd_speedup"] = row[base]["fwd_bwd_ms"] / row[fast]["fwd_bwd_ms"]
+        out[key] = row
+    return out
+
+
 CASES: list[Case] = [
-    Case("cudnn_packing", 240, case_cudnn_packing),
-    Case("blocked_timing", 240, case_blocked_timing),
-    Case("memory", 120, case_memory),
+    Case("kernels_numerics", 150, case_kernels_numerics),
+    Case("timing_simple_gla", 90, lambda small: _timing("simple_gla", small, 90)),
+    Case("timing_gated_delta", 90, lambda small: _timing("gated_delta_rule", small, 90)),
+    Case("timing_titans", 45, lambda small: _timing("titans", small, 45)),
+    Case("cudnn_packing", 60, case_cudnn_packing),
+    Case("blocked_timing", 45, case_blocked_timing),
+    Case("memory", 30, case_memory),
 ]
 # The machine's description, gathered in a child too: the parent never imports jax, so it holds
 # no device memory while the cases run.

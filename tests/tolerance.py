@@ -7,6 +7,9 @@ import jax.numpy as jnp
 TOL = {
     "float32": {"out": (2e-4, 2e-4), "grad": (5e-4, 5e-4)},
     "bfloat16": {"out": (3e-2, 3e-2), "grad": (6e-2, 6e-2)},
+    # float32 inputs through GPU kernels whose dots run in TF32 (10-bit mantissa, float32
+    # accumulation: JAX's and Triton's default for float32 matmuls on NVIDIA GPUs).
+    "tfloat32": {"out": (5e-3, 5e-3), "grad": (1e-2, 1e-2)},
 }
 
 
