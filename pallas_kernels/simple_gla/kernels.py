@@ -34,8 +34,6 @@ __all__ = ["simple_gla_triton", "simple_gla_tpu", "segment_masks"]
 
 # impl: (forward, backward, chunk, feature width rule)
 _BACKENDS = {
-    "triton": (_gpu.simple_gla_fwd_triton, _gpu.simple_gla_bwd_triton, _gpu.DEFAULT_CHUNK,
-               triton_width),
     "mosaic_tpu": (_tpu.simple_gla_fwd_tpu, _tpu.simple_gla_bwd_tpu, _tpu.DEFAULT_CHUNK,
                    tpu_width),
 }
@@ -51,23 +49,23 @@ def segment_masks(reset, chunk):
     return tuple(x.reshape(bsz, t).astype(jnp.float32) for x in (doc, carry, tail))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _kernel_core(q, k, v, g, s0, seg, impl, scale, interpret):
-    (o, s_final), _ = _kernel_fwd(q, k, v, g, s0, seg, impl, scale, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _kernel_core(q, k, v, g, s0, seg, impl, scale, interpret, chunk):
+    (o, s_final), _ = _kernel_fwd(q, k, v, g, s0, seg, impl, scale, interpret, chunk)
     return o, s_final
 
 
-def _kernel_fwd(q, k, v, g, s0, seg, impl, scale, interpret):
-    fwd, _, chunk, _ = _BACKENDS[impl]
+def _kernel_fwd(q, k, v, g, s0, seg, impl, scale, interpret, chunk):
+    fwd = _BACKENDS[impl][0]
     b = chunk_cumsum(g, chunk)                                         # [B, HV, Tp]
     o, s_final = fwd(q, k, v, b, seg, s0, scale=scale, chunk=chunk, interpret=interpret)
     return (o, s_final), (q, k, v, b, s0, seg, s_final)
 
 
-def _kernel_bwd(impl, scale, interpret, res, cts):
+def _kernel_bwd(impl, scale, interpret, chunk, res, cts):
     q, k, v, b, s0, seg, s_final = res
     do, dfinal = cts
-    _, bwd, chunk, _ = _BACKENDS[impl]
+    bwd = _BACKENDS[impl][1]
     dq, dk, dv, ds0 = bwd(q, k, v, b, seg, s0, do.astype(v.dtype), dfinal.astype(jnp.float32),
                           scale=scale, chunk=chunk, interpret=interpret)
     bsz, h, t, kd = q.shape
@@ -86,9 +84,11 @@ def _kernel_bwd(impl, scale, interpret, res, cts):
 _kernel_core.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def _run(impl, q, k, v, g, *, scale, initial_state, segment_ids, interpret):
-    """Public layout -> kernel layout -> public layout (see the module docstring)."""
-    _, _, chunk, width = _BACKENDS[impl]
+def _run(impl, q, k, v, g, *, scale, initial_state, segment_ids, interpret, chunk=None):
+    """Public layout -> kernel layout -> public layout (see the module docstring); ``chunk``
+    None: the backend's default."""
+    _, _, default_chunk, width = _BACKENDS[impl]
+    chunk = default_chunk if chunk is None else int(chunk)
     bsz, t, h, kd = q.shape
     hv, vd = v.shape[2], v.shape[3]
     g = g.astype(jnp.float32)
@@ -104,7 +104,7 @@ def _run(impl, q, k, v, g, *, scale, initial_state, segment_ids, interpret):
     s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, kp - kd), (0, vp - vd)))
     o, s_final = _kernel_core(to_kernel_layout(q, chunk, kp), to_kernel_layout(k, chunk, kp),
                               to_kernel_layout(v, chunk, vp), to_kernel_layout(g, chunk), s0,
-                              seg, impl, scale, interpret)
+                              seg, impl, scale, interpret, chunk)
     return from_kernel_layout(o, t, vd).astype(v.dtype), s_final[:, :, :kd, :vd]
 
 
@@ -116,10 +116,14 @@ def simple_gla_triton(q, k, v, g, *, scale=None, initial_state=None, segment_ids
 
 
 def simple_gla_tpu(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
-                   output_final_state=False, interpret=False):
-    """simple_gla through the Mosaic TPU kernels (the frame's implementation contract)."""
+                   output_final_state=False, interpret=False, chunk=None):
+    """simple_gla through the Mosaic TPU kernels (the frame's implementation contract);
+    ``chunk``: tokens per grid step, a multiple of 8 (None: ``tpu.DEFAULT_CHUNK`` = 128, v5e;
+    ``tpu.CHUNK_V6E`` = 256 for v6e)."""
+    if chunk is not None and (chunk <= 0 or chunk % 8):
+        raise ValueError(f"simple_gla_tpu: chunk must be a positive multiple of 8, got {chunk}")
     return _run("mosaic_tpu", q, k, v, g, scale=_scale(q, scale), initial_state=initial_state,
-                segment_ids=segment_ids, interpret=interpret)
+                segment_ids=segment_ids, interpret=interpret, chunk=chunk)
 
 
 def _scale(q, scale):

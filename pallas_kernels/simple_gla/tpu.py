@@ -13,10 +13,24 @@ Per chunk, with D_ij = exp(b_i − b_j)·[j ≤ i], e_i = exp(b_i), f_j = exp(b_
     dk/dv     (chunks in reverse through the index maps, G = ∂L/∂S after the chunk)
               dk = scale·((dO vᵀ)∘D)ᵀ q + f∘(v Gᵀ),  dv = scale·((q kᵀ)∘D)ᵀ dO + (f∘k) G,
               G ← a G + scale·(e∘q)ᵀ dO;   ∂L/∂S_0 = G after the first chunk.
-b arrives as a column [C, 1]; its row form [1, C] (for b_i − b_j) is a masked sublane sum
-(diag(b) summed over rows), so no transpose or cumsum runs in the kernel. Packed documents use
-the per-token masks (doc, carry, tail) of ``ops.py`` as [B, T, 1] columns, exactly as in
-``gpu.py``. ``vmem_bytes`` bounds each kernel's VMEM use from the same block shapes.
+Gates are lane-dense: b arrives as one [1, C] row per chunk ([BH, NC, 1, C] arrays: a block
+pads to one (8, C) tile, where a [C, 1] column padded to C/8 (8, 128) tiles, 64 KiB at C = 128,
+double-buffered); the packing masks (doc, carry, tail) of ``kernels.py`` likewise, one [1, C]
+row per batch row and chunk. The column form [C, 1] that scales rows (e, f, the b_i of
+b_i − b_j) is one masked lane sum of the row (Σ_j diag(b)_ij), so no transpose or cumsum runs in
+the kernel. ``vmem_bytes`` bounds each kernel's VMEM use from the same block shapes.
+
+Chunk: C = ``DEFAULT_CHUNK`` = 128 (one v5e MXU tile), ``CHUNK_V6E`` = 256 for v6e's 256-wide
+MXU (the ``chunk`` argument); T is padded to a multiple of C outside (exact). The in-chunk
+decays exp(b_i − b_j) of 256 tokens stay in range: b_i − b_j <= 0 for j <= i and only the
+masked upper triangle sees positive differences (set to −inf before the exp).
+
+Dtypes (``common.mxu``): bf16/fp16 inputs -> bf16 MXU operands (fp16 is cast to bf16 before the
+kernel), float32 accumulation; float32 inputs -> float32 operands at DEFAULT precision (on a TPU
+one bf16 MXU pass, as XLA does for a float32 matmul; exact in interpret mode on CPU). The state
+(VMEM scratch), the final state, b, the masks and every elementwise product stay float32; the
+state, the decayed q/k and the [C, C] scores are cast to the operand dtype only as matmul
+operands. o is written in the operand dtype, the gradients in float32.
 """
 
 from __future__ import annotations
@@ -30,44 +44,43 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import tpu_grid
+from pallas_kernels.common.mxu import mxu_dot, operand_dtype
 from pallas_kernels.common.tpu_grid import chunk_spec, head_spec, sequential_params
 
-__all__ = ["simple_gla_fwd_tpu", "simple_gla_bwd_tpu", "vmem_bytes", "DEFAULT_CHUNK"]
+__all__ = ["simple_gla_fwd_tpu", "simple_gla_bwd_tpu", "vmem_bytes", "tpu_supports",
+           "DEFAULT_CHUNK", "CHUNK_V6E", "VMEM_LIMIT"]
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 128          # v5e: one 128 x 128 MXU tile per chunk
+CHUNK_V6E = 256              # v6e / v7: the 256 x 256 MXU
+VMEM_LIMIT = 16 * 2 ** 20    # v5e's default scoped VMEM (v6e: 32 MiB)
 _F32 = jnp.float32
 
 
-def _dot(a, b, ta=False, tb=False):
-    """a @ b with optional transposes (as contracting dims), float32 accumulation."""
-    dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
-    prec = lax.Precision.HIGHEST if a.dtype == _F32 else None
-    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
-
-
-def _as_row(col, eye):
-    """[C, 1] column -> [1, C] row without a transpose: Σ_i diag(col)_ij."""
-    return jnp.sum(jnp.where(eye, col, 0.0), axis=0, keepdims=True)
+def _as_col(row, eye):
+    """[1, C] row -> [C, 1] column without a transpose: Σ_j diag(row)_ij (a lane sum)."""
+    return jnp.sum(jnp.where(eye, row, 0.0), axis=1, keepdims=True)
 
 
 def _chunk_decays(b, seg, c):
-    """Decay factors of one chunk from the column b [C, 1] (seg: three [C, 1] masks or None)."""
+    """Decay factors of one chunk from the row b [1, C] (seg: three [1, C] rows or None):
+    (D [C, C], e [C, 1], f [C, 1], a [1, 1])."""
     row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     eye = row == col
     keep = col <= row
+    b_col = _as_col(b, eye)                                            # [C, 1]
     if seg is not None:
         doc, carry, tail = seg
-        keep = keep & (doc == _as_row(doc, eye))
-    dmat = jnp.exp(jnp.where(keep, b - _as_row(b, eye), -jnp.inf))    # [C, C]
-    b_last = b[c - 1:c, :]                                             # [1, 1]
-    e = jnp.exp(b)                                                     # [C, 1]
-    f = jnp.exp(b_last - b)                                            # [C, 1]
+        keep = keep & (_as_col(doc, eye) == doc)
+    dmat = jnp.exp(jnp.where(keep, b_col - b, -jnp.inf))               # [C, C]
+    b_last = b[:, c - 1:c]                                             # [1, 1]
+    e = jnp.exp(b_col)                                                 # [C, 1]
+    f = jnp.exp(b_last - b_col)                                        # [C, 1]
     a = jnp.exp(b_last)                                                # [1, 1]
     if seg is not None:
-        e = e * carry
-        f = f * tail
-        a = a * carry[c - 1:c, :]
+        e = e * _as_col(carry, eye)
+        f = f * _as_col(tail, eye)
+        a = a * carry[:, c - 1:c]
     return dmat, e, f, a
 
 
@@ -90,13 +103,13 @@ def _fwd_kernel(*refs, c, scale, has_seg, n_chunks):
     def _init():
         s_scr[...] = s0_ref[...].astype(_F32)
 
+    op = q.dtype
     dmat, e, f, a = _chunk_decays(b, seg, c)
-    s = s_scr[...]                                                     # [K, V]
-    p = _dot(q, k, tb=True) * (dmat * scale)                           # [C, C]
-    o = _dot(p.astype(v.dtype), v)
-    o = o + _dot((q.astype(_F32) * (scale * e)).astype(q.dtype), s.astype(q.dtype))
+    s = s_scr[...]                                                     # [K, V] f32
+    p = mxu_dot(q, k, tb=True) * (dmat * scale)                        # [C, C]
+    o = mxu_dot(p, v, op) + mxu_dot(q.astype(_F32) * (scale * e), s, op)
     o_ref[...] = o.astype(o_ref.dtype)
-    s_new = a * s + _dot((k.astype(_F32) * f).astype(k.dtype), v, ta=True)
+    s_new = a * s + mxu_dot(k.astype(_F32) * f, v, op, ta=True)
     s_scr[...] = s_new
 
     @pl.when(t == n_chunks - 1)           # static count (pl.num_programs went stale in jax
@@ -111,13 +124,14 @@ def _dq_kernel(*refs, c, scale, has_seg, n_chunks):
     def _init():
         s_scr[...] = s0_ref[...].astype(_F32)
 
+    op = q.dtype
     dmat, e, f, a = _chunk_decays(b, seg, c)
     s = s_scr[...]
     do = do_ref[...]                                                   # [C, V]
-    ds = _dot(do, v, tb=True) * (dmat * scale)                         # [C, C]
-    dq = _dot(ds.astype(k.dtype), k) + _dot(do, s.astype(do.dtype), tb=True) * (scale * e)
+    ds = mxu_dot(do, v, op, tb=True) * (dmat * scale)                  # [C, C]
+    dq = mxu_dot(ds, k, op) + mxu_dot(do, s, op, tb=True) * (scale * e)
     dq_ref[...] = dq.astype(dq_ref.dtype)
-    s_scr[...] = a * s + _dot((k.astype(_F32) * f).astype(k.dtype), v, ta=True)
+    s_scr[...] = a * s + mxu_dot(k.astype(_F32) * f, v, op, ta=True)
 
 
 def _dkdv_kernel(*refs, c, scale, has_seg, n_chunks):
@@ -129,17 +143,17 @@ def _dkdv_kernel(*refs, c, scale, has_seg, n_chunks):
     def _init():
         g_scr[...] = dsf_ref[...].astype(_F32)
 
+    op = q.dtype
     dmat, e, f, a = _chunk_decays(b, seg, c)
     gs = g_scr[...]                                                    # [K, V] = ∂L/∂S
     do = do_ref[...]
-    p = _dot(q, k, tb=True) * (dmat * scale)                           # [C, C]
-    ds = _dot(do, v, tb=True) * (dmat * scale)                         # [C, C]
-    gs_in = gs.astype(v.dtype)
-    dk = _dot(ds.astype(q.dtype), q, ta=True) + _dot(v, gs_in, tb=True) * f
-    dv = _dot(p.astype(do.dtype), do, ta=True) + _dot((k.astype(_F32) * f).astype(v.dtype), gs_in)
+    p = mxu_dot(q, k, tb=True) * (dmat * scale)                        # [C, C]
+    ds = mxu_dot(do, v, op, tb=True) * (dmat * scale)                  # [C, C]
+    dk = mxu_dot(ds, q, op, ta=True) + mxu_dot(v, gs, op, tb=True) * f
+    dv = mxu_dot(p, do, op, ta=True) + mxu_dot(k.astype(_F32) * f, gs, op)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
-    g_new = a * gs + _dot((q.astype(_F32) * (scale * e)).astype(q.dtype), do, ta=True)
+    g_new = a * gs + mxu_dot(q.astype(_F32) * (scale * e), do, op, ta=True)
     g_scr[...] = g_new
 
     @pl.when(t == n_chunks - 1)
@@ -157,8 +171,8 @@ def _specs(kind, h, hv, n_t, c, kd, vd, has_seg):
     spec = functools.partial(chunk_spec, reverse=kind == "dkdv", n_chunks=n_t)
     qk_row = lambda i: (i // hv) * h + (i % hv) // grp                 # noqa: E731
     qk = spec(c, kd, row=qk_row)                                       # grouped q/k heads
-    key, val, gate = spec(c, kd), spec(c, vd), spec(c, 1)
-    seg = [spec(c, 1, row=lambda i: i // hv)] * (3 * has_seg)          # per batch row
+    key, val, gate = spec(c, kd), spec(c, vd), spec(1, c)              # gates: [1, C] rows
+    seg = [spec(1, c, row=lambda i: i // hv)] * (3 * has_seg)          # per batch row
     state = head_spec(kd, vd)
     ins = [qk, qk, val, gate, *seg, state] + ([val] if kind != "fwd" else [])
     outs = {"fwd": [val, state], "dq": [key], "dkdv": [key, val, state]}[kind]
@@ -167,31 +181,50 @@ def _specs(kind, h, hv, n_t, c, kd, vd, has_seg):
 
 def vmem_bytes(kind, *, chunk=DEFAULT_CHUNK, k_dim=128, v_dim=128, dtype=jnp.float32,
                has_seg=True):
-    """Upper bound of the VMEM one grid step of kernel ``kind`` uses.
+    """Upper bound of the VMEM one grid step of kernel ``kind`` uses for inputs of ``dtype``.
 
     The blocks (double-buffered) and the state scratch, read off the traced ``pallas_call``
-    (``tpu_grid.vmem_bytes``; inputs in ``dtype``), plus the kernel's largest live temporaries:
-    four [C, C] float32 matrices (masks, decays, scores, their gradient) and four
-    [C, max(K, V)] float32 products.
+    (``tpu_grid.vmem_bytes``; q/k/v/dO in the operand dtype), plus the kernel's largest live
+    temporaries: four [C, C] float32 matrices (masks, decays, scores, their gradient) with their
+    operand-dtype copies, and four [C, max(K, V)] float32 products.
     """
     if kind not in _KERNELS:
         raise ValueError(f"kind must be one of {tuple(_KERNELS)}, got {kind!r}")
+    op = operand_dtype(dtype)
     sds = jax.ShapeDtypeStruct
-    q = sds((1, 1, 2 * chunk, k_dim), dtype)
-    v = sds((1, 1, 2 * chunk, v_dim), dtype)
+    q = sds((1, 1, 2 * chunk, k_dim), op)
+    v = sds((1, 1, 2 * chunk, v_dim), op)
     b = sds((1, 1, 2 * chunk), _F32)
     state = sds((1, 1, k_dim, v_dim), _F32)
     seg = (sds((1, 2 * chunk), _F32),) * 3 if has_seg else None
     fn = lambda q, k, v, b, seg, s0, do, dfinal: _run(kind, q, k, v, b, seg, s0, do, dfinal,
                                                        scale=1.0, chunk=chunk, interpret=False)
     total = tpu_grid.vmem_bytes(fn, q, q, v, b, seg, state, v, state)
-    return total + 4 * chunk * chunk * 4 + 4 * chunk * max(k_dim, v_dim) * 4
+    temps = 4 * chunk * chunk * (4 + op.itemsize) + 4 * chunk * max(k_dim, v_dim) * 4
+    return total + temps
+
+
+def tpu_supports(dtype, K, V, chunk=DEFAULT_CHUNK):
+    """None when all three kernels fit ``VMEM_LIMIT`` for inputs of ``dtype``, features K, V
+    (padded to 128 lanes) and ``chunk`` (with packing masks); else the reason (one line)."""
+    if chunk % 8:
+        return f"simple_gla mosaic_tpu: chunk must be a multiple of 8, got {chunk}"
+    kp, vp = -(-K // 128) * 128, -(-V // 128) * 128
+    for kind in _KERNELS:
+        used = vmem_bytes(kind, chunk=chunk, k_dim=kp, v_dim=vp, dtype=dtype, has_seg=True)
+        if used > VMEM_LIMIT:
+            return (f"simple_gla mosaic_tpu: the {kind} kernel needs {used} B of VMEM at chunk "
+                    f"{chunk}, K={kp}, V={vp}, {jnp.dtype(dtype).name} (limit {VMEM_LIMIT})")
+    return None
 
 
 def _grid(x, c):
-    """[B, heads, T, D] -> [B·heads, T / C, C, D] (a free reshape)."""
-    bsz, heads, t, d = x.shape
-    return x.reshape(bsz * heads, t // c, c, d)
+    """[B, heads, T, D] -> [B·heads, T / C, C, D]; [B, heads, 1, T] -> [B·heads, T / C, 1, C]
+    (free reshapes)."""
+    bsz, heads, r, d = x.shape
+    if r == 1:
+        return x.reshape(bsz * heads, d // c, 1, c)
+    return x.reshape(bsz * heads, r // c, c, d)
 
 
 _KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
@@ -203,9 +236,12 @@ def _run(kind, q, k, v, b, seg, s0, do, dfinal, *, scale, chunk, interpret):
     bsz, h, t, kd = q.shape
     hv, vd = v.shape[1], v.shape[3]
     nc, has_seg = t // chunk, seg is not None
-    col = lambda x: _grid(x[..., None], chunk)                         # [B·?, NC, C, 1]
-    args = [_grid(q, chunk), _grid(k, chunk), _grid(v, chunk), col(b),
-            *(col(x[:, None]) for x in (seg or ()))]                   # masks: one per row
+    op = operand_dtype(v.dtype)
+    q, k, v = q.astype(op), k.astype(op), v.astype(op)                 # fp16 -> bf16
+    do = None if do is None else do.astype(op)
+    row = lambda x: _grid(x[..., None, :], chunk)                      # [B·?, NC, 1, C]
+    args = [_grid(q, chunk), _grid(k, chunk), _grid(v, chunk), row(b.astype(_F32)),
+            *(row(x[:, None]) for x in (seg or ()))]                   # masks: one per row
     flat_state = lambda x: x.reshape(bsz * hv, kd, vd)                 # noqa: E731
     sds = jax.ShapeDtypeStruct
     per_token = lambda d, dt=_F32: sds((bsz * hv, nc, chunk, d), dt)   # noqa: E731

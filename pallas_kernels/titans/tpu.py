@@ -1,8 +1,9 @@
 """Titans linear memory on TPU: Pallas (Mosaic) kernels, forward and backward.
 
 The same block recurrence as ``gpu.py`` (see there for the math; XLA builds the factors with
-``chunked.linear_kernel_factors``). The grid is (batch·head, block) with the block axis
-"arbitrary" (sequential); (M, S) live in VMEM scratch across it, all value columns in one program:
+``chunked.linear_kernel_factors``). The grid is (batch·head, step) with the step axis
+"arbitrary" (sequential), G gradient blocks per step (below); (M, S) live in VMEM scratch across
+it, all value columns in one program:
 
     forward, block c:   E = 2(k M − v);   y = qa M + qc S − pm E
                         M <- a0e M + ce S − kdᵀ E;   S <- p0e S − kpᵀ E
@@ -14,11 +15,31 @@ The same block recurrence as ``gpu.py`` (see there for the math; XLA builds the 
         dM <- qaᵀ dy + a0e dM + 2 kᵀ dE  (+ the cotangent of M entering the last block);
         dS <- qcᵀ dy + ce dM + p0e dS
 
-Arrays are [BH, N, C, D] so every block's last two dims are full array dims; features are
-zero-padded to multiples of 128 (lane width); b must be a multiple of 8 (sublanes). Operands that
-would need a transposed left-hand side (kdᵀ, kpᵀ, pmᵀ, qaᵀ, qcᵀ, kᵀ) are transposed in XLA and
-passed in, so the kernels only use plain (A·B) and A·Bᵀ matmuls. Per-block scalars come in as
-[BH, N, 1, 1] blocks.
+Layout. The gradient block b (``block_size``, a multiple of 8 sublanes) is fixed by the math and
+usually small (16), far below the MXU's 128 (v5e) / 256 (v6e) rows, so one grid step runs G
+consecutive blocks (``blocks_per_step``: G = ``ROWS`` // b, 128 rows by default, ``rows=256``
+for v6e), unrolled in the kernel with (M, S) carried as values between them: the per-step
+overhead and the HBM round trips are paid once per G·b rows. The number of blocks N is padded
+to a multiple of G with identity blocks (zero factors, a0e = p0e = 1, ce = 0: M and S pass
+through unchanged, exact); "M entering the last block" is taken at the last real block.
+Per-token arrays are [BH, N/G, G·b, D] (block j of a step = rows j·b .. j·b + b − 1, a static
+sublane slice); the per-block [b, b] / [D, b] / [K, V] arrays are [BH, N/G, G, r, c] (block j =
+leading index j). Features are zero-padded to multiples of 128 (lane width). Operands that would
+need a transposed left-hand side (kdᵀ, kpᵀ, pmᵀ, qaᵀ, qcᵀ, kᵀ) are transposed in XLA and passed
+in, so the kernels only use plain (A·B) and A·Bᵀ matmuls.
+
+Per-block scalars (a0e, ce, p0e) are lane-dense: all N values of a head as one [1, N] row of a
+[BH, 1, N] array, resident across the grid's block axis (one (8, N) tile read once per head
+instead of N padded [1, 1] blocks); block i picks lane i, and their gradients accumulate into
+the same layout.
+
+Dtypes (``common.mxu``): bf16/fp16 inputs -> the factors (float32 from XLA) are cast to bf16 at
+the kernel boundary and every matmul takes bf16 operands with float32 accumulation; float32
+inputs -> float32 operands at DEFAULT precision (on a TPU one bf16 MXU pass, as XLA does for a
+float32 matmul; exact in interpret mode on CPU). M, S (VMEM scratch), the final states, E, the
+scalars and y stay float32; M, S, E and dE are cast to the operand dtype only as matmul operands;
+the per-block (M, S) saved for the backward are stored in the operand dtype; the factor
+gradients come out in their primals' dtype (float32).
 """
 
 from __future__ import annotations
@@ -30,14 +51,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import mm, mm_nt
-from pallas_kernels.common.tpu_grid import chunk_spec, head_spec, sequential_params
+from pallas_kernels.common import tpu_grid
+from pallas_kernels.common.mxu import mxu_dot, operand_dtype
+from pallas_kernels.common.tpu_grid import (head_spec, lane_pick, lane_put, lane_row_spec,
+                                            sequential_params)
 from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 
-__all__ = ["supports", "fwd_call", "bwd_call", "recurrence", "titans_linear_tpu"]
+__all__ = ["supports", "blocks_per_step", "fwd_call", "bwd_call", "recurrence", "vmem_bytes",
+           "tpu_supports", "titans_linear_tpu", "ROWS", "ROWS_V6E", "VMEM_LIMIT"]
 
 LANE = 128
+ROWS = 128                   # token rows per grid step: one v5e MXU tile
+ROWS_V6E = 256               # v6e / v7: the 256 x 256 MXU
+VMEM_LIMIT = 16 * 2 ** 20    # v5e's default scoped VMEM (v6e: 32 MiB)
 
 
 BLOCK_RULE = "a multiple of 8"  # blocks of b rows fill whole (8, 128) sublane tiles
@@ -48,9 +75,29 @@ def supports(block_size: int) -> bool:
     return block_size % 8 == 0
 
 
+def blocks_per_step(block_size: int, n_blocks: int, rows: int = ROWS) -> int:
+    """G: gradient blocks per grid step, ~``rows`` token rows, at most the N blocks there are."""
+    return max(1, min(rows // block_size, n_blocks))
+
+
+def _tok(rows, cols, reverse=False, n=None):
+    """Block [rows, cols] of step c (or n-1-c) of a per-token [BH, N/G, G·b, cols] array."""
+    if reverse:
+        return pl.BlockSpec((None, None, rows, cols), lambda b, c: (b, n - 1 - c, 0, 0))
+    return pl.BlockSpec((None, None, rows, cols), lambda b, c: (b, c, 0, 0))
+
+
+def _grp(g, rows, cols, reverse=False, n=None):
+    """Block [G, rows, cols] of step c (or n-1-c) of a per-block [BH, N/G, G, rows, cols] array."""
+    if reverse:
+        return pl.BlockSpec((None, None, g, rows, cols), lambda b, c: (b, n - 1 - c, 0, 0, 0))
+    return pl.BlockSpec((None, None, g, rows, cols), lambda b, c: (b, c, 0, 0, 0))
+
+
 # --------------------------------------------------------------------------- forward kernel
 def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kdt_ref, kpt_ref, a0e_ref, ce_ref, p0e_ref,
-                m0_ref, s0_ref, y_ref, m_out, s_out, mlast_out, *rest, with_states, n_blocks):
+                m0_ref, s0_ref, y_ref, m_out, s_out, mlast_out, *rest, with_states, n_steps,
+                n_real, group, b):
     if with_states:
         ms_ref, ss_ref, m_ref, s_ref = rest
     else:
@@ -62,45 +109,66 @@ def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kdt_ref, kpt_ref, a0e_ref,
         m_ref[...] = m0_ref[...]
         s_ref[...] = s0_ref[...]
 
-    m, s = m_ref[...], s_ref[...]                                         # [K, V]
-    if with_states:
-        ms_ref[...] = m
-        ss_ref[...] = s
-    e = 2.0 * (mm(k_ref[...], m) - v_ref[...])                           # [C, V]
-    y_ref[...] = mm(qa_ref[...], m) + mm(qc_ref[...], s) - mm(pm_ref[...], e)
-    m_new = a0e_ref[...] * m + ce_ref[...] * s - mm(kdt_ref[...], e)
-    s_new = p0e_ref[...] * s - mm(kpt_ref[...], e)
-    m_ref[...] = m_new
-    s_ref[...] = s_new
+    op, f32 = qa_ref.dtype, jnp.float32
+    a0e_row, ce_row, p0e_row = a0e_ref[...], ce_ref[...], p0e_ref[...]
+    m, s = m_ref[...], s_ref[...]                                         # [K, V] f32
+    for j in range(group):                                               # block i = c·G + j
+        i = c * group + j
+        rows = slice(j * b, (j + 1) * b)
+        m_op, s_op = m.astype(op), s.astype(op)
+        if with_states:
+            ms_ref[j] = m_op.astype(ms_ref.dtype)
+            ss_ref[j] = s_op.astype(ss_ref.dtype)
+        e = 2.0 * (mxu_dot(k_ref[rows, :], m_op) - v_ref[rows, :].astype(f32))   # [b, V]
+        e_op = e.astype(op)
+        y = (mxu_dot(qa_ref[rows, :], m_op) + mxu_dot(qc_ref[rows, :], s_op)
+             - mxu_dot(pm_ref[j], e_op))
+        y_ref[rows, :] = y.astype(y_ref.dtype)
 
-    @pl.when(c == n_blocks - 1)
+        @pl.when(i == n_real - 1)                                        # the last real block
+        def _(m=m):
+            mlast_out[...] = m
+
+        m_new = (lane_pick(a0e_row, i) * m + lane_pick(ce_row, i) * s
+                 - mxu_dot(kdt_ref[j], e_op))
+        s = lane_pick(p0e_row, i) * s - mxu_dot(kpt_ref[j], e_op)
+        m = m_new
+    m_ref[...] = m
+    s_ref[...] = s
+
+    @pl.when(c == n_steps - 1)
     def _():
-        m_out[...] = m_new
-        s_out[...] = s_new
-        mlast_out[...] = m
+        m_out[...] = m
+        s_out[...] = s
 
 
-def fwd_call(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0, *, with_states=False,
-             interpret=False):
-    """qa, qc, k: [BH, N, C, K]; v: [BH, N, C, V]; pm: [BH, N, C, C]; kdt, kpt: [BH, N, K, C];
-    a0e, ce, p0e: [BH, N, 1, 1]; m0, s0: [BH, K, V]. Returns (y [BH, N, C, V], M, S, M entering
-    the last block [BH, K, V]) and, with ``with_states``, (M, S) entering every block
-    [BH, N, K, V] each."""
-    BH, N, C, K = qa.shape
+def fwd_call(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0, *, n_real=None,
+             with_states=False, interpret=False):
+    """Per-token qa, qc, k: [BH, NS, G·b, K]; v: [BH, NS, G·b, V]; per-block pm: [BH, NS, G, b, b],
+    kdt, kpt: [BH, NS, G, K, b] (all in the operand dtype); a0e, ce, p0e: [BH, 1, NS·G] float32;
+    m0, s0: [BH, K, V] float32; ``n_real`` <= NS·G real blocks (the rest identity padding).
+    Returns (y [BH, NS, G·b, V] float32, M, S, M entering block n_real - 1 [BH, K, V]) and, with
+    ``with_states``, (M, S) entering every block [BH, NS, G, K, V] each in the operand dtype."""
+    BH, NS, R, K = qa.shape
+    G, b = pm.shape[2], pm.shape[3]
     V = v.shape[-1]
-    blk = chunk_spec
-    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-    out_shape = [sds(BH, N, C, V)] + [sds(BH, K, V)] * 3
-    out_specs = [blk(C, V)] + [head_spec(K, V)] * 3
+    n_real = NS * G if n_real is None else n_real
+    op, f32 = qa.dtype, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    out_shape = [sds((BH, NS, R, V), f32)] + [sds((BH, K, V), f32)] * 3
+    out_specs = [_tok(R, V)] + [head_spec(K, V)] * 3
     if with_states:
-        out_shape += [sds(BH, N, K, V)] * 2
-        out_specs += [blk(K, V)] * 2
+        out_shape += [sds((BH, NS, G, K, V), op)] * 2
+        out_specs += [_grp(G, K, V)] * 2
+    row = lane_row_spec(NS * G)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, with_states=with_states, n_blocks=N),
-        grid=(BH, N), out_shape=out_shape, out_specs=out_specs,
-        in_specs=[blk(C, K), blk(C, K), blk(C, K), blk(C, V), blk(C, C), blk(K, C), blk(K, C),
-                  blk(1, 1), blk(1, 1), blk(1, 1), head_spec(K, V), head_spec(K, V)],
-        scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)] * 2,
+        functools.partial(_fwd_kernel, with_states=with_states, n_steps=NS, n_real=n_real,
+                          group=G, b=b),
+        grid=(BH, NS), out_shape=out_shape, out_specs=out_specs,
+        in_specs=[_tok(R, K), _tok(R, K), _tok(R, K), _tok(R, V), _grp(G, b, b),
+                  _grp(G, K, b), _grp(G, K, b), row, row, row, head_spec(K, V),
+                  head_spec(K, V)],
+        scratch_shapes=[pltpu.VMEM((K, V), f32)] * 2,
         compiler_params=sequential_params(), interpret=interpret, name="titans_linear_fwd_tpu",
     )(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0)
 
@@ -109,65 +177,128 @@ def fwd_call(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0, *, with_states=Fa
 def _bwd_kernel(qat_ref, qct_ref, k_ref, kt_ref, v_ref, pmt_ref, kd_ref, kp_ref, a0e_ref, ce_ref,
                 p0e_ref, ms_ref, ss_ref, dy_ref, dmf_ref, dsf_ref, dmlast_ref,
                 dqa_ref, dqc_ref, dk_ref, dv_ref, dpm_ref, dkd_ref, dkp_ref, da0e_ref, dce_ref,
-                dp0e_ref, dm0_ref, ds0_ref, dm_ref, ds_ref, *, n_blocks):
-    j = pl.program_id(1)                       # block c = N-1-j
+                dp0e_ref, dm0_ref, ds0_ref, dm_ref, ds_ref, *, n_steps, n_real, group, b):
+    t = pl.program_id(1)                       # step c = NS-1-t, its blocks in reverse
 
-    @pl.when(j == 0)
+    @pl.when(t == 0)
     def _():
         dm_ref[...] = dmf_ref[...]
         ds_ref[...] = dsf_ref[...]
+        for r in (da0e_ref, dce_ref, dp0e_ref):
+            r[...] = jnp.zeros_like(r)
 
-    dm, ds = dm_ref[...], ds_ref[...]                                     # leaving block c
-    m, s = ms_ref[...], ss_ref[...]                                       # entering block c
-    e = 2.0 * (mm(k_ref[...], m) - v_ref[...])                           # [C, V]
-    dy = dy_ref[...]
-    de = -mm(pmt_ref[...], dy) - mm(kd_ref[...], dm) - mm(kp_ref[...], ds)
-    dqa_ref[...] = mm_nt(dy, m)
-    dqc_ref[...] = mm_nt(dy, s)
-    dpm_ref[...] = -mm_nt(dy, e)
-    dkd_ref[...] = -mm_nt(e, dm)
-    dkp_ref[...] = -mm_nt(e, ds)
-    dk_ref[...] = 2.0 * mm_nt(de, m)
-    dv_ref[...] = -2.0 * de
+    op, f32 = k_ref.dtype, jnp.float32
     total = lambda x: jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
-    da0e_ref[...] = total(m * dm)
-    dce_ref[...] = total(s * dm)
-    dp0e_ref[...] = total(s * ds)
-    dm_ref[...] = mm(qat_ref[...], dy) + a0e_ref[...] * dm + 2.0 * mm(kt_ref[...], de)
-    ds_ref[...] = mm(qct_ref[...], dy) + ce_ref[...] * dm + p0e_ref[...] * ds
+    a0e_row, ce_row, p0e_row = a0e_ref[...], ce_ref[...], p0e_ref[...]
+    c = n_steps - 1 - t
+    dm, ds = dm_ref[...], ds_ref[...]                                     # leaving the block
+    for j in reversed(range(group)):
+        i = c * group + j
+        rows = slice(j * b, (j + 1) * b)
+        m, s = ms_ref[j].astype(op), ss_ref[j].astype(op)                 # entering block i
+        dm_op, ds_op = dm.astype(op), ds.astype(op)
+        e = 2.0 * (mxu_dot(k_ref[rows, :], m) - v_ref[rows, :].astype(f32))      # [b, V]
+        e_op = e.astype(op)
+        dy = dy_ref[rows, :].astype(op)
+        de = (-mxu_dot(pmt_ref[j], dy) - mxu_dot(kd_ref[rows, :], dm_op)
+              - mxu_dot(kp_ref[rows, :], ds_op))
+        de_op = de.astype(op)
+        dqa_ref[rows, :] = mxu_dot(dy, m, tb=True).astype(dqa_ref.dtype)
+        dqc_ref[rows, :] = mxu_dot(dy, s, tb=True).astype(dqc_ref.dtype)
+        dpm_ref[j] = (-mxu_dot(dy, e_op, tb=True)).astype(dpm_ref.dtype)
+        dkd_ref[rows, :] = (-mxu_dot(e_op, dm_op, tb=True)).astype(dkd_ref.dtype)
+        dkp_ref[rows, :] = (-mxu_dot(e_op, ds_op, tb=True)).astype(dkp_ref.dtype)
+        dk_ref[rows, :] = (2.0 * mxu_dot(de_op, m, tb=True)).astype(dk_ref.dtype)
+        dv_ref[rows, :] = (-2.0 * de).astype(dv_ref.dtype)
+        mf, sf = m.astype(f32), s.astype(f32)
+        lane_put(da0e_ref, i, total(mf * dm))
+        lane_put(dce_ref, i, total(sf * dm))
+        lane_put(dp0e_ref, i, total(sf * ds))
+        dm_new = (mxu_dot(qat_ref[j], dy) + lane_pick(a0e_row, i) * dm
+                  + 2.0 * mxu_dot(kt_ref[j], de_op))
+        ds = mxu_dot(qct_ref[j], dy) + lane_pick(ce_row, i) * dm + lane_pick(p0e_row, i) * ds
+        # M entering the last real block is also an output: its cotangent joins here.
+        dm = dm_new + jnp.where(i == n_real - 1, 1.0, 0.0) * dmlast_ref[...]
+    dm_ref[...] = dm
+    ds_ref[...] = ds
 
-    @pl.when(j == 0)                           # M entering the last block is also an output
+    @pl.when(t == n_steps - 1)
     def _():
-        dm_ref[...] = dm_ref[...] + dmlast_ref[...]
-
-    @pl.when(j == n_blocks - 1)
-    def _():
-        dm0_ref[...] = dm_ref[...]
-        ds0_ref[...] = ds_ref[...]
+        dm0_ref[...] = dm
+        ds0_ref[...] = ds
 
 
 def bwd_call(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast, *,
-             interpret=False):
-    """Backward of :func:`fwd_call` with the transposed operands qat, qct, kt [BH, N, K, C],
-    pmt [BH, N, C, C] and kd, kp [BH, N, C, K]. Returns the cotangents of
-    (qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0) shaped like their primals."""
-    BH, N, C, K = k.shape
+             n_real=None, grad_dtypes=None, interpret=False):
+    """Backward of :func:`fwd_call` with the transposed operands qat, qct, kt [BH, NS, G, K, b],
+    pmt [BH, NS, G, b, b] and kd, kp [BH, NS, G·b, K]. Returns the cotangents of
+    (qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0) shaped like their primals, the first seven
+    in ``grad_dtypes`` (default float32), the rest float32."""
+    BH, NS, R, K = k.shape
+    G, b = pmt.shape[2], pmt.shape[3]
     V = v.shape[-1]
-    rev = functools.partial(chunk_spec, reverse=True, n_chunks=N)
-    head = head_spec(K, V)
-    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    n_real = NS * G if n_real is None else n_real
+    f32 = jnp.float32
+    gd = grad_dtypes or (f32,) * 7
+    tok = functools.partial(_tok, reverse=True, n=NS)
+    grp = functools.partial(_grp, G, reverse=True, n=NS)
+    head, row = head_spec(K, V), lane_row_spec(NS * G)
+    sds = jax.ShapeDtypeStruct
     return tuple(pl.pallas_call(
-        functools.partial(_bwd_kernel, n_blocks=N), grid=(BH, N),
-        in_specs=[rev(K, C), rev(K, C), rev(C, K), rev(K, C), rev(C, V), rev(C, C), rev(C, K),
-                  rev(C, K), rev(1, 1), rev(1, 1), rev(1, 1), rev(K, V), rev(K, V), rev(C, V),
-                  head, head, head],
-        out_specs=[rev(C, K), rev(C, K), rev(C, K), rev(C, V), rev(C, C), rev(C, K), rev(C, K),
-                   rev(1, 1), rev(1, 1), rev(1, 1), head, head],
-        out_shape=[sds(BH, N, C, K)] * 3 + [sds(BH, N, C, V), sds(BH, N, C, C)]
-        + [sds(BH, N, C, K)] * 2 + [sds(BH, N, 1, 1)] * 3 + [sds(BH, K, V)] * 2,
-        scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)] * 2,
+        functools.partial(_bwd_kernel, n_steps=NS, n_real=n_real, group=G, b=b), grid=(BH, NS),
+        in_specs=[grp(K, b), grp(K, b), tok(R, K), grp(K, b), tok(R, V), grp(b, b), tok(R, K),
+                  tok(R, K), row, row, row, grp(K, V), grp(K, V), tok(R, V), head, head, head],
+        out_specs=[tok(R, K), tok(R, K), tok(R, K), tok(R, V), grp(b, b), tok(R, K), tok(R, K),
+                   row, row, row, head, head],
+        out_shape=[sds((BH, NS, R, K), gd[0]), sds((BH, NS, R, K), gd[1]),
+                   sds((BH, NS, R, K), gd[2]), sds((BH, NS, R, V), gd[3]),
+                   sds((BH, NS, G, b, b), gd[4]), sds((BH, NS, R, K), gd[5]),
+                   sds((BH, NS, R, K), gd[6])]
+        + [sds((BH, 1, NS * G), f32)] * 3 + [sds((BH, K, V), f32)] * 2,
+        scratch_shapes=[pltpu.VMEM((K, V), f32)] * 2,
         compiler_params=sequential_params(), interpret=interpret, name="titans_linear_bwd_tpu",
     )(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast))
+
+
+def vmem_bytes(kernel, rows, b, K, V, dtype=jnp.float32, n_blocks=256):
+    """VMEM bytes one grid step of ``kernel`` ("fwd" with states, or "bwd") needs: G = rows // b
+    blocks of b rows per step, inputs of ``dtype``; every in/out block double-buffered plus the
+    (M, S) scratch (``tpu_grid.vmem_bytes`` on the traced call), plus the live float32
+    temporaries of one block (E, y / dE and the four [b, *] products, M, S and their updates)."""
+    op, f32, sds = operand_dtype(dtype), jnp.float32, jax.ShapeDtypeStruct
+    G = max(1, rows // b)
+    NS = max(1, n_blocks // G)
+    tok = lambda d, dt=op: sds((1, NS, G * b, d), dt)
+    grp = lambda r, c, dt=op: sds((1, NS, G, r, c), dt)
+    row, head = sds((1, 1, NS * G), f32), sds((1, K, V), f32)
+    if kernel == "fwd":
+        fn = functools.partial(fwd_call, with_states=True)
+        args = (tok(K), tok(K), tok(K), tok(V), grp(b, b), grp(K, b), grp(K, b), row, row, row,
+                head, head)
+    elif kernel == "bwd":
+        fn = bwd_call
+        args = (grp(K, b), grp(K, b), tok(K), grp(K, b), tok(V), grp(b, b), tok(K), tok(K), row,
+                row, row, grp(K, V), grp(K, V), tok(V, f32), head, head, head)
+    else:
+        raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
+    temps = 6 * b * max(K, V, 128) * 4 + 6 * K * V * 4
+    return tpu_grid.vmem_bytes(fn, *args) + temps
+
+
+def tpu_supports(dtype, K, V, chunk=ROWS, block_size=16):
+    """None when both kernels fit ``VMEM_LIMIT`` for inputs of ``dtype``, features K, V (padded to
+    128 lanes), ``chunk`` token rows per grid step and gradient blocks of ``block_size``; else
+    the reason (a one-line string)."""
+    if not supports(block_size):
+        return f"titans mosaic_tpu: block_size must be {BLOCK_RULE}, got {block_size}"
+    kp, vp = -(-K // LANE) * LANE, -(-V // LANE) * LANE
+    for kernel in ("fwd", "bwd"):
+        used = vmem_bytes(kernel, chunk, block_size, kp, vp, dtype)
+        if used > VMEM_LIMIT:
+            return (f"titans mosaic_tpu: the {kernel} kernel needs {used} B of VMEM at "
+                    f"{chunk} rows per step, block {block_size}, K={kp}, V={vp}, "
+                    f"{jnp.dtype(dtype).name} (limit {VMEM_LIMIT})")
+    return None
 
 
 # --------------------------------------------------------------------------- custom VJP
@@ -175,47 +306,90 @@ def _tr(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(12,))
-def recurrence(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, interpret):
-    """(y, M, S, M entering the last block); kd, kp [BH, N, C, K] (transposed here), the rest as
-    in :func:`fwd_call`."""
-    return tuple(fwd_call(qa, qc, k, v, pm, _tr(kd), _tr(kp), a0e, ce, p0e, m0, s0,
-                          interpret=interpret))
+def _tok_layout(x, g):
+    """[BH, N, b, D] -> [BH, N/G, G·b, D] (free)."""
+    bh, n, b, d = x.shape
+    return x.reshape(bh, n // g, g * b, d)
 
 
-def _recurrence_fwd(*args):
-    *inputs, interpret = args
-    return recurrence(*args), tuple(inputs)          # inputs only: states are recomputed
+def _grp_layout(x, g):
+    """[BH, N, r, c] -> [BH, N/G, G, r, c] (free)."""
+    bh, n, r, c = x.shape
+    return x.reshape(bh, n // g, g, r, c)
 
 
-def _recurrence_bwd(interpret, inputs, cts):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(12, 13, 14, 15))
+def recurrence(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, group, n_real, op, interpret):
+    """(y, M, S, M entering block n_real - 1). Factors [BH, N, b, D] / [BH, N, b, b] per block
+    (N a multiple of ``group``, blocks from n_real on identity padding), any float dtype (cast
+    to the operand dtype ``op`` here; their gradients come back in their own dtype); scalars
+    [BH, 1, N]; m0, s0 [BH, K, V]."""
+    return _recurrence_fwd(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, group, n_real, op,
+                           interpret)[0]
+
+
+def _recurrence_fwd(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, group, n_real, op,
+                    interpret):
+    # Zero-size arrays carry the primals' dtypes to the backward (residuals must be arrays).
+    tags = tuple(jnp.zeros((0,), x.dtype) for x in (qa, qc, k, v, pm, kd, kp))
+    qa, qc, k, v, pm, kd, kp = (x.astype(op) for x in (qa, qc, k, v, pm, kd, kp))
+    f32 = jnp.float32
+    a0e, ce, p0e, m0, s0 = (x.astype(f32) for x in (a0e, ce, p0e, m0, s0))
+    inputs = (qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0)
+    out = _fwd(inputs, group, n_real, interpret, with_states=False)
+    return tuple(out), (inputs, tags)
+
+
+def _fwd(inputs, g, n_real, interpret, with_states):
     qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0 = inputs
-    dy, dmf, dsf, dmlast = cts
-    _, _, _, _, ms, ss = fwd_call(qa, qc, k, v, pm, _tr(kd), _tr(kp), a0e, ce, p0e, m0, s0,
-                                  with_states=True, interpret=interpret)
-    return bwd_call(_tr(qa), _tr(qc), k, _tr(k), v, _tr(pm), kd, kp, a0e, ce, p0e, ms, ss, dy,
-                    dmf, dsf, dmlast, interpret=interpret)
+    tok, grp = (lambda x: _tok_layout(x, g)), (lambda x: _grp_layout(x, g))
+    return fwd_call(tok(qa), tok(qc), tok(k), tok(v), grp(pm), grp(_tr(kd)), grp(_tr(kp)), a0e,
+                    ce, p0e, m0, s0, n_real=n_real, with_states=with_states,
+                    interpret=interpret)
+
+
+def _recurrence_bwd(g, n_real, op, interpret, res, cts):
+    inputs, tags = res
+    qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0 = inputs
+    dy, dmf, dsf, dmlast = cts                       # dy in the step layout [BH, N/G, G·b, V]
+    _, _, _, _, ms, ss = _fwd(inputs, g, n_real, interpret, with_states=True)
+    tok, grp = (lambda x: _tok_layout(x, g)), (lambda x: _grp_layout(x, g))
+    f32 = jnp.float32
+    grads = bwd_call(grp(_tr(qa)), grp(_tr(qc)), tok(k), grp(_tr(k)), tok(v), grp(_tr(pm)),
+                     tok(kd), tok(kp), a0e, ce, p0e, ms, ss, dy.astype(f32),
+                     dmf.astype(f32), dsf.astype(f32), dmlast.astype(f32), n_real=n_real,
+                     grad_dtypes=tuple(t.dtype for t in tags), interpret=interpret)
+    dqa, dqc, dk, dv, dpm, dkd, dkp = (x.reshape(p.shape) for x, p in zip(grads[:7], inputs))
+    return (dqa, dqc, dk, dv, dpm, dkd, dkp) + tuple(grads[7:])
 
 
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def titans_linear_tpu(q, k, v, theta, eta, alpha, state0: TitansState, *, block_size: int,
-                      interpret=False) -> tuple[jax.Array, TitansState]:
+                      interpret=False, rows=ROWS) -> tuple[jax.Array, TitansState]:
     """Linear-memory Titans through the Mosaic TPU kernels: no packing, a fresh state (pos 0).
-    Shapes as in ``gpu.titans_linear_triton``."""
+    Shapes as in ``gpu.titans_linear_triton``; ``rows``: token rows per grid step (``ROWS`` =
+    128 for v5e, ``ROWS_V6E`` = 256 for v6e), rounded down to whole gradient blocks."""
     B, _, H, K = q.shape
     kp_, vp_ = -(-K // LANE) * LANE, -(-v.shape[-1] // LANE) * LANE
+    op = operand_dtype(q.dtype)
 
     def run(f, m0, s0):
         n = f.a0e.shape[-1]
-        blocks = lambda x: x.reshape(B * H, n, block_size, x.shape[-1])   # [BH, N, C, D]
-        scal = lambda x: x.reshape(B * H, n, 1, 1)
+        g = blocks_per_step(block_size, n, rows)
+        pad = (-n) % g                                  # identity blocks up to a multiple of G
+        padn = lambda x, value=0.0: jnp.pad(x, [(0, 0)] * 2 + [(0, pad)]
+                                            + [(0, 0)] * (x.ndim - 3), constant_values=value)
+        blocks = lambda x: padn(x).reshape(B * H, n + pad, block_size, x.shape[-1])
+        scal = lambda x, one: padn(x, one).reshape(B * H, 1, n + pad)
         state = lambda x: x.reshape(B * H, kp_, vp_)
-        out = recurrence(blocks(f.qa), blocks(f.qc), blocks(f.k), blocks(f.v), blocks(f.pm),
-                         blocks(f.kd), blocks(f.kp), scal(f.a0e), scal(f.ce), scal(f.p0e),
-                         state(m0), state(s0), interpret)
-        return tuple(x.reshape((B, H) + x.shape[1:]) for x in out)
+        y, m, s, m_last = recurrence(
+            blocks(f.qa), blocks(f.qc), blocks(f.k), blocks(f.v), blocks(f.pm), blocks(f.kd),
+            blocks(f.kp), scal(f.a0e, 1.0), scal(f.ce, 0.0), scal(f.p0e, 1.0), state(m0),
+            state(s0), g, n, op, interpret)
+        y = y.reshape(B, H, n + pad, block_size, vp_)[:, :, :n]
+        return (y,) + tuple(x.reshape(B, H, kp_, vp_) for x in (m, s, m_last))
 
     return run_linear_kernels(q, k, v, theta, eta, alpha, state0, block_size=block_size,
                               k_size=kp_, v_size=vp_, recurrence=run)
