@@ -66,8 +66,9 @@ class TestSimpleGla(OpSuite):
              "bfloat16": dict(B=2, T=100, H=2, HV=4, K=24, V=40)}
     packing_impls = ("chunked", "triton")
     lower_impls = ("triton", "mosaic_tpu")
-    kernel_names = {i: ("simple_gla_fwd", "simple_gla_dq", "simple_gla_dkdv")
-                    for i in ("triton", "mosaic_tpu")}
+    kernel_names = {"triton": ("simple_gla_fwd_h", "simple_gla_fwd_o", "simple_gla_bwd_dh",
+                               "simple_gla_bwd_dv", "simple_gla_bwd_dqdk"),
+                    "mosaic_tpu": ("simple_gla_fwd", "simple_gla_dq", "simple_gla_dkdv")}
 
     def make_segments(self, B, T, dtype="float32"):
         if dtype != "float32":

@@ -1,23 +1,34 @@
-"""simple_gla Pallas kernels for GPU through the Triton backend: forward, dq, and dk/dv passes.
+"""simple_gla on GPU: Triton kernels (``triton_kernels.py``) behind one custom_vjp, their layout and
+the dispatcher's table.
 
-Kernel layout (``ops.py`` adapts the public one): q, k ``[B, H, T, K]``; v ``[B, HV, T, V]``;
-b ``[B, HV, T]`` the log-decay cumulated *inside each chunk* of C tokens (b_i = Σ_{u ≤ i} g_u from
-the chunk start, computed outside the kernel); K, V powers of two ≥ 16, T a multiple of C.
-One program per (batch, value head) walks the chunks in a ``fori_loop`` carrying the state in
-registers (the Triton backend has no scratch memory and no value slicing, hence ``pl.ds`` ref
-slices and masked sums instead of ``b[-1]``). Value head j reads q/k head j // (HV / H).
+    S_t = exp(g_t)·S_{t-1} + k_t v_tᵀ,    o_t = scale·S_tᵀ q_t
 
-Per chunk, with D_ij = exp(b_i − b_j)·[j ≤ i], e_i = exp(b_i), f_j = exp(b_C − b_j), a = exp(b_C):
-    forward   o = scale·((q kᵀ)∘D) v + scale·(e∘q) S,          S ← a S + (f∘k)ᵀ v
-    dq pass   dq = scale·((dO vᵀ)∘D) k + scale·e∘(dO Sᵀ),      S ← a S + (f∘k)ᵀ v
-    dk/dv     (chunks in reverse, G = ∂L/∂S after the chunk, G_init = ∂L/∂S_final)
-              dk = scale·((dO vᵀ)∘D)ᵀ q + f∘(v Gᵀ),  dv = scale·((q kᵀ)∘D)ᵀ dO + (f∘k) G,
-              G ← a G + scale·(e∘q)ᵀ dO;   ∂L/∂S_0 = G at the end.
-With packed documents three per-token float masks (from ``ops.py``) keep the same formulas
-exact: ``doc`` (document id: D also needs doc_i = doc_j), ``carry`` (token still in the document
-that entered the chunk: multiplies e, and a through the chunk's last token) and ``tail`` (token
-in the chunk's last document: multiplies f). dq/dk come out per value head (summed over groups
-outside); the gate gradient is derived outside from dq, dk (see ``chunked.py``).
+Layout: heads-major ``[B, H, Tp, Dp]`` (``common.layout.to_kernel_layout``): T zero-padded to a
+multiple of the chunk C = 64 with k = 0, g = 0 (exact: a padded token leaves the state alone),
+features zero-padded to a power of two >= 16 (exact: a zero feature adds nothing to a dot); q, k
+and v are cast to one dtype (the dots take one operand dtype); the gate arrives as b, the
+log-decay cumulated inside each chunk (``chunk_cumsum``, float32, in XLA). ``segment_ids`` become
+three per-token float masks (``kernels.segment_masks``: document index, "still in the document
+that entered the chunk", "in the chunk's last document") that remove exactly the terms crossing a
+document boundary; padding tokens get q = k = 0, g = 0, so they are no-ops with output 0.
+
+Pipeline (fla's chunk pipeline; kernels in ``triton_kernels.py``):
+
+* forward: ``fwd_h`` (sequential over chunks, grid K tiles × V tiles × B·HV) stores the state
+  entering each chunk, ``[B, HV, NT, K, V]`` in the input dtype, and the final state in float32;
+  ``fwd_o`` (chunk-parallel) gives o from those states and the intra-chunk scores.
+* backward: ``bwd_dh`` (sequential, reverse) stores ∂L/∂(state leaving each chunk) and gives
+  ∂L/∂S_0; ``bwd_dv`` and ``bwd_dqdk`` (chunk-parallel) give dv and the per-value-head dq, dk
+  (float32), each reduction inside one program. Residuals: the inputs and one state per chunk.
+* gates: every term of L depends on the global cumulative log-decay B only through
+  exp(B_t − B_s) with t on the query (or final-state) side and s on the key side, so
+  ∂L/∂B_t = q_t·dq_t − k_t·dk_t (+ Σ dF∘S_final at the last token) and dg_t = Σ_{u ≥ t} ∂L/∂B_u:
+  one reverse cumsum in XLA, from the per-value-head dq, dk before the groups are summed.
+
+Tiles: BK = min(K, 64), BV = min(V, 64) for every kernel, so the shared memory and registers a
+program needs do not grow with K, V (up to 256: K/BK, V/BV loop iterations or grid columns).
+``TABLE`` states the limits (float32/bfloat16, K and V padded to at most 256, sm_80/90/100) and
+the shared-memory estimate the dispatcher checks; Triton is imported only when a kernel runs.
 """
 
 from __future__ import annotations
@@ -26,188 +37,197 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltr
 
-__all__ = ["simple_gla_fwd_triton", "simple_gla_bwd_triton", "DEFAULT_CHUNK"]
+from pallas_kernels import common
+from pallas_kernels.common import expand_groups, pad_axis, triton_call
+from pallas_kernels.common.layout import chunk_cumsum, from_kernel_layout, to_kernel_layout
+from pallas_kernels.common.triton_support import KernelTable, padded
+
+__all__ = ["simple_gla_triton", "TABLE", "DEFAULT_CHUNK", "KERNELS", "tiles"]
 
 DEFAULT_CHUNK = 64
+KERNELS = ("simple_gla_fwd_h", "simple_gla_fwd_o", "simple_gla_bwd_dh", "simple_gla_bwd_dv",
+           "simple_gla_bwd_dqdk")
 _F32 = jnp.float32
+_SDS = jax.ShapeDtypeStruct
 
 
-def _dot(a, b, ta=False, tb=False):
-    """a @ b with optional transposes, float32 accumulation."""
-    a = a.T if ta else a
-    b = b.T if tb else b
-    prec = lax.Precision.HIGHEST if a.dtype == _F32 else None
-    return jnp.dot(a, b, precision=prec, preferred_element_type=_F32)
+def tiles(kp: int, vp: int) -> tuple[int, int]:
+    """(BK, BV): the feature tiles of every kernel at padded sizes K = kp, V = vp."""
+    return min(kp, 64), min(vp, 64)
 
 
-def _chunk_decays(b, seg, c):
-    """Decay factors of one chunk from b [C] (and seg = (doc, carry, tail) [C] each, or None)."""
-    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    keep = col <= row
-    if seg is not None:
-        doc, carry, tail = seg
-        keep = keep & (doc[:, None] == doc[None, :])
-    dmat = jnp.exp(jnp.where(keep, b[:, None] - b[None, :], -jnp.inf))  # [C, C]
-    is_last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
-    b_last = jnp.sum(jnp.where(is_last, b, 0.0))                       # scalar b_C
-    e = jnp.exp(b)                                                     # [C]
-    f = jnp.exp(b_last - b)                                            # [C]
-    a = jnp.exp(b_last)
-    if seg is not None:
-        e = e * carry
-        f = f * tail
-        a = a * jnp.sum(jnp.where(is_last, carry, 0.0))
-    return dmat, e, f, a
+def _launch_options(dtype) -> dict:
+    """num_warps / num_stages of every kernel (4 warps hold a 64x64 float32 tile in registers)."""
+    return dict(num_warps=4, num_stages=2)
 
 
-def _load_chunk(refs, n, c, seg_refs):
-    """Chunk n of q, k, v, b (and the segment masks) as values."""
-    sl = pl.ds(pl.multiple_of(n * c, c), c)
-    q_ref, k_ref, v_ref, b_ref = refs
-    q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]                 # [C, K], [C, K], [C, V]
-    b = b_ref[sl].astype(_F32)                                         # [C]
-    seg = None if seg_refs is None else tuple(r[sl] for r in seg_refs)
-    return sl, q, k, v, b, seg
+def _kernels():
+    from pallas_kernels.simple_gla import triton_kernels
+    return triton_kernels
 
 
-def _split_refs(refs, n_in, has_seg):
-    """(q, k, v, b refs), segment-mask refs or None, the other inputs, the outputs."""
-    ins, outs = refs[:n_in], refs[n_in:]
-    n_fixed = 4 + 3 * has_seg
-    return ins[:4], (ins[4:n_fixed] if has_seg else None), ins[n_fixed:], outs
+def _sizes(q, v, chunk):
+    bsz, h, t, kp = q.shape
+    hv, vp = v.shape[1], v.shape[3]
+    bk, bv = tiles(kp, vp)
+    const = dict(T=t, H=h, HV=hv, K=kp, V=vp, C=chunk, BK=bk, BV=bv)
+    return bsz * hv, t // chunk, const
 
 
-def _fwd_kernel(*refs, n_chunks, c, scale, has_seg):
-    n_in = 5 + 3 * has_seg
-    qkvb, seg_refs, (s0_ref,), (o_ref, sf_ref) = _split_refs(refs, n_in, has_seg)
-
-    def body(n, s):                                                    # s: [K, V] float32
-        sl, q, k, v, b, seg = _load_chunk(qkvb, n, c, seg_refs)
-        dmat, e, f, a = _chunk_decays(b, seg, c)
-        p = _dot(q, k, tb=True) * (dmat * scale)                       # [C, C]
-        o = _dot(p.astype(v.dtype), v)
-        o = o + _dot((q.astype(_F32) * (scale * e)[:, None]).astype(q.dtype), s.astype(q.dtype))
-        o_ref[sl, :] = o.astype(o_ref.dtype)
-        kf = (k.astype(_F32) * f[:, None]).astype(k.dtype)
-        return a * s + _dot(kf, v, ta=True)
-
-    sf_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(_F32))
+def _masks(b, seg):
+    """The three mask pointers (b stands in, unread, when there are no segments)."""
+    return (b, b, b) if seg is None else seg
 
 
-def _dq_kernel(*refs, n_chunks, c, scale, has_seg):
-    n_in = 6 + 3 * has_seg
-    qkvb, seg_refs, (s0_ref, do_ref), (dq_ref,) = _split_refs(refs, n_in, has_seg)
-
-    def body(n, s):
-        sl, q, k, v, b, seg = _load_chunk(qkvb, n, c, seg_refs)
-        do = do_ref[sl, :]                                             # [C, V]
-        dmat, e, f, a = _chunk_decays(b, seg, c)
-        ds = _dot(do, v, tb=True) * (dmat * scale)                     # [C, C]
-        dq = _dot(ds.astype(k.dtype), k)
-        dq = dq + _dot(do, s.astype(do.dtype), tb=True) * (scale * e)[:, None]
-        dq_ref[sl, :] = dq.astype(dq_ref.dtype)
-        kf = (k.astype(_F32) * f[:, None]).astype(k.dtype)
-        return a * s + _dot(kf, v, ta=True)
-
-    lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(_F32))
-
-
-def _dkdv_kernel(*refs, n_chunks, c, scale, has_seg):
-    n_in = 6 + 3 * has_seg
-    qkvb, seg_refs, (dsf_ref, do_ref), (dk_ref, dv_ref, ds0_ref) = _split_refs(refs, n_in, has_seg)
-
-    def body(i, gs):                                                   # gs: [K, V] = ∂L/∂S
-        n = n_chunks - 1 - i
-        sl, q, k, v, b, seg = _load_chunk(qkvb, n, c, seg_refs)
-        do = do_ref[sl, :]                                             # [C, V]
-        dmat, e, f, a = _chunk_decays(b, seg, c)
-        p = _dot(q, k, tb=True) * (dmat * scale)                       # [C, C]
-        ds = _dot(do, v, tb=True) * (dmat * scale)                     # [C, C]
-        kf = k.astype(_F32) * f[:, None]                               # [C, K]
-        gs_in = gs.astype(v.dtype)
-        dk = _dot(ds.astype(q.dtype), q, ta=True) + _dot(v, gs_in, tb=True) * f[:, None]
-        dv = _dot(p.astype(do.dtype), do, ta=True) + _dot(kf.astype(v.dtype), gs_in)
-        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
-        qe = (q.astype(_F32) * (scale * e)[:, None]).astype(q.dtype)
-        return a * gs + _dot(qe, do, ta=True)
-
-    ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dsf_ref[...].astype(_F32))
+def _forward(q, k, v, b, seg, s0, scale, interpret, chunk=DEFAULT_CHUNK):
+    """(o [B, HV, T, V] in v.dtype, final [B, HV, K, V] f32, h [B, HV, NT, K, V] in v.dtype)."""
+    tk = _kernels()
+    bhv, nt, const = _sizes(q, v, chunk)
+    kp, vp, bk, bv = const["K"], const["V"], const["BK"], const["BV"]
+    opts = dict(interpret=interpret, HAS_SEG=seg is not None, **_launch_options(v.dtype), **const)
+    bsz, hv = v.shape[:2]
+    hs, final = triton_call.launch(
+        tk.simple_gla_fwd_h, k, v, b, *_masks(b, seg), s0,
+        out_shape=[_SDS((bsz, hv, nt, kp, vp), v.dtype), _SDS((bsz, hv, kp, vp), _F32)],
+        grid=(kp // bk, vp // bv, bhv), name="simple_gla_fwd_h", **opts)
+    (o,) = triton_call.launch(
+        tk.simple_gla_fwd_o, q, k, v, b, *_masks(b, seg), hs,
+        out_shape=[_SDS(v.shape, v.dtype)], grid=(vp // bv, nt, bhv), name="simple_gla_fwd_o",
+        SCALE=scale, **opts)
+    return o, final, hs
 
 
-def _specs(bsz, h, hv, t, kd, vd, has_seg):
-    """BlockSpecs over the grid (B, HV): whole sequences of one head per program."""
-    grp = hv // h
-    qk = pl.BlockSpec((None, None, t, kd), lambda i, j: (i, j // grp, 0, 0))
-    val = pl.BlockSpec((None, None, t, vd), lambda i, j: (i, j, 0, 0))
-    key = pl.BlockSpec((None, None, t, kd), lambda i, j: (i, j, 0, 0))
-    gate = pl.BlockSpec((None, None, t), lambda i, j: (i, j, 0))
-    seg = [pl.BlockSpec((None, t), lambda i, j: (i, 0))] * (3 * has_seg)
-    state = pl.BlockSpec((None, None, kd, vd), lambda i, j: (i, j, 0, 0))
-    return dict(qk=qk, val=val, key=key, gate=gate, seg=seg, state=state)
-
-
-def _params(kd, vd):
-    """4 warps hold a 64x64 float32 state comfortably in registers; larger states get 8."""
-    return pltr.CompilerParams(num_warps=4 if kd * vd <= 64 * 64 else 8, num_stages=2)
-
-
-def simple_gla_fwd_triton(q, k, v, b, seg, s0, *, scale, chunk=DEFAULT_CHUNK, interpret=False):
-    """Forward: (o [B, HV, T, V] in v.dtype, final state [B, HV, K, V] float32).
-
-    q, k: [B, H, T, K]; v: [B, HV, T, V]; b: [B, HV, T] chunk-local cumulative log-decay;
-    seg: None or (doc, carry, tail), each [B, T] float32; s0: [B, HV, K, V] float32.
-    """
-    bsz, h, t, kd = q.shape
-    hv, vd = v.shape[1], v.shape[3]
-    has_seg = seg is not None
-    sp = _specs(bsz, h, hv, t, kd, vd, has_seg)
-    kernel = functools.partial(_fwd_kernel, n_chunks=t // chunk, c=chunk, scale=scale,
-                               has_seg=has_seg)
-    return pl.pallas_call(
-        kernel,
-        grid=(bsz, hv),
-        in_specs=[sp["qk"], sp["qk"], sp["val"], sp["gate"], *sp["seg"], sp["state"]],
-        out_specs=[sp["val"], sp["state"]],
-        out_shape=[jax.ShapeDtypeStruct((bsz, hv, t, vd), v.dtype),
-                   jax.ShapeDtypeStruct((bsz, hv, kd, vd), _F32)],
-        compiler_params=_params(kd, vd),
-        interpret=interpret,
-        name="simple_gla_fwd",
-    )(q, k, v, b, *(seg or ()), s0)
-
-
-def simple_gla_bwd_triton(q, k, v, b, seg, s0, do, dfinal, *, scale, chunk=DEFAULT_CHUNK,
-                          interpret=False):
-    """Backward: (dq [B, HV, T, K], dk [B, HV, T, K], dv [B, HV, T, V], ds0 [B, HV, K, V]).
-
-    dq and dk are per value head (sum over each group of HV / H heads for the q/k gradient);
-    all in float32. do: [B, HV, T, V]; dfinal: [B, HV, K, V] float32.
-    """
-    bsz, h, t, kd = q.shape
-    hv, vd = v.shape[1], v.shape[3]
-    has_seg = seg is not None
-    sp = _specs(bsz, h, hv, t, kd, vd, has_seg)
-    common = dict(n_chunks=t // chunk, c=chunk, scale=scale, has_seg=has_seg)
-    ins = [sp["qk"], sp["qk"], sp["val"], sp["gate"], *sp["seg"], sp["state"], sp["val"]]
-    args = (q, k, v, b, *(seg or ()))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **common),
-        grid=(bsz, hv), in_specs=ins, out_specs=sp["key"],
-        out_shape=jax.ShapeDtypeStruct((bsz, hv, t, kd), _F32),
-        compiler_params=_params(kd, vd), interpret=interpret, name="simple_gla_dq",
-    )(*args, s0, do)
-    dk, dv, ds0 = pl.pallas_call(
-        functools.partial(_dkdv_kernel, **common),
-        grid=(bsz, hv), in_specs=ins, out_specs=[sp["key"], sp["val"], sp["state"]],
-        out_shape=[jax.ShapeDtypeStruct((bsz, hv, t, kd), _F32),
-                   jax.ShapeDtypeStruct((bsz, hv, t, vd), _F32),
-                   jax.ShapeDtypeStruct((bsz, hv, kd, vd), _F32)],
-        compiler_params=_params(kd, vd), interpret=interpret, name="simple_gla_dkdv",
-    )(*args, dfinal, do)
+def _backward(q, k, v, b, seg, hs, do, dfinal, scale, interpret, chunk=DEFAULT_CHUNK):
+    """(dq, dk [B, HV, T, K] per value head, dv [B, HV, T, V], ds0 [B, HV, K, V]), float32."""
+    tk = _kernels()
+    bhv, nt, const = _sizes(q, v, chunk)
+    kp, vp, bk, bv = const["K"], const["V"], const["BK"], const["BV"]
+    opts = dict(interpret=interpret, HAS_SEG=seg is not None, SCALE=scale,
+                **_launch_options(v.dtype), **const)
+    bsz, hv, t = v.shape[:3]
+    dhs, ds0 = triton_call.launch(
+        tk.simple_gla_bwd_dh, q, do, b, *_masks(b, seg), dfinal,
+        out_shape=[_SDS(hs.shape, v.dtype), _SDS((bsz, hv, kp, vp), _F32)],
+        grid=(kp // bk, vp // bv, bhv), name="simple_gla_bwd_dh", **opts)
+    (dv,) = triton_call.launch(
+        tk.simple_gla_bwd_dv, q, k, do, b, *_masks(b, seg), dhs,
+        out_shape=[_SDS(v.shape, _F32)], grid=(vp // bv, nt, bhv), name="simple_gla_bwd_dv",
+        **opts)
+    dq, dk = triton_call.launch(
+        tk.simple_gla_bwd_dqdk, q, k, v, do, b, *_masks(b, seg), hs, dhs,
+        out_shape=[_SDS((bsz, hv, t, kp), _F32)] * 2, grid=(kp // bk, nt, bhv),
+        name="simple_gla_bwd_dqdk", **opts)
     return dq, dk, dv, ds0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _core(q, k, v, g, s0, seg, scale, interpret):
+    (o, final), _ = _core_fwd(q, k, v, g, s0, seg, scale, interpret)
+    return o, final
+
+
+def _core_fwd(q, k, v, g, s0, seg, scale, interpret):
+    b = chunk_cumsum(g, DEFAULT_CHUNK)                                 # [B, HV, Tp] float32
+    o, final, hs = _forward(q, k, v, b, seg, s0, scale, interpret)
+    return (o, final), (q, k, v, b, seg, hs, final)
+
+
+def _core_bwd(scale, interpret, res, cts):
+    q, k, v, b, seg, hs, final = res
+    do, dfinal = cts
+    dfinal = dfinal.astype(_F32)
+    dq, dk, dv, ds0 = _backward(q, k, v, b, seg, hs, do.astype(v.dtype), dfinal, scale,
+                                interpret)
+    bsz, h, t, kp = q.shape
+    hv = v.shape[1]
+    db = jnp.sum(expand_groups(q, hv, axis=1).astype(_F32) * dq
+                 - expand_groups(k, hv, axis=1).astype(_F32) * dk, axis=-1)   # [B, HV, Tp]
+    dg = jnp.cumsum(db[..., ::-1], axis=-1)[..., ::-1]
+    dg = dg + jnp.sum(dfinal * final, axis=(-2, -1))[..., None]
+    dq = dq.reshape(bsz, h, hv // h, t, kp).sum(2)                     # sum over each group
+    dk = dk.reshape(bsz, h, hv // h, t, kp).sum(2)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0,
+            jax.tree_util.tree_map(lambda _: None, seg))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def simple_gla_triton(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
+                      output_final_state=False, interpret=False):
+    """simple_gla through the Triton kernels (the frame's implementation contract).
+
+    q, k: [B, T, H, K]; v: [B, T, HV, V]; g: [B, T, HV]; initial_state: [B, HV, K, V] or None;
+    segment_ids: [B, T] int or None. Returns (o [B, T, HV, V] in v.dtype, final [B, HV, K, V]
+    float32).
+    """
+    from pallas_kernels.simple_gla.kernels import segment_masks
+    chunk = DEFAULT_CHUNK
+    bsz, t, h, kd = q.shape
+    hv, vd = v.shape[2], v.shape[3]
+    scale = float(kd ** -0.5 if scale is None else scale)
+    dtype = jnp.result_type(q, k, v)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    g = g.astype(_F32)
+    seg = None
+    if segment_ids is not None:
+        valid, reset = common.segment_masks(segment_ids)               # [B, T] each
+        q = jnp.where(valid[:, :, None, None], q, 0)
+        k = jnp.where(valid[:, :, None, None], k, 0)
+        g = jnp.where(valid[:, :, None], g, 0.0)
+        seg = segment_masks(pad_axis(reset, 1, chunk, False), chunk)   # 3 x [B, Tp] float32
+    kp, vp = padded(kd), padded(vd)
+    s0 = jnp.zeros((bsz, hv, kd, vd), _F32) if initial_state is None else initial_state
+    s0 = jnp.pad(s0.astype(_F32), ((0, 0), (0, 0), (0, kp - kd), (0, vp - vd)))
+    o, final = _core(to_kernel_layout(q, chunk, kp), to_kernel_layout(k, chunk, kp),
+                     to_kernel_layout(v, chunk, vp), to_kernel_layout(g, chunk), s0, seg,
+                     scale, interpret)
+    return from_kernel_layout(o, t, vd).astype(v.dtype), final[:, :, :kd, :vd]
+
+
+# ------------------------------------------------------------------------------ the table
+def _request(arrays, static):
+    q, k, v, _ = arrays
+    return (jnp.dtype(jnp.result_type(q, k, v)).name,
+            {"K": padded(q.shape[-1]), "V": padded(v.shape[-1])})
+
+
+def _shared_bytes(dtype, sizes):
+    """The largest kernel's shared memory: its dot operands, buffered ``num_stages`` deep.
+
+    Triton stages the operands loaded inside a loop: bwd_dqdk holds v, dO [C, BV] and S, G
+    [BK, BV] per stage, fwd_o q, k [C, BK] and S [BK, BV]; the operands after the loop (q, k and
+    the [C, C] scores) reuse those buffers. Measured by the compile gate at K = V = 128:
+    bwd_dqdk 131072 B in float32, 65536 B in bfloat16 (this estimate, exactly)."""
+    item = jnp.dtype(dtype).itemsize
+    c = DEFAULT_CHUNK
+    bk, bv = tiles(sizes["K"], sizes["V"])
+    stages = _launch_options(dtype)["num_stages"]
+    dqdk = max(stages * (2 * c * bv + 2 * bk * bv), 2 * c * bk + c * c)
+    fwd_o = max(stages * (2 * c * bk + bk * bv), c * bv + c * c)
+    return item * max(dqdk, fwd_o)
+
+
+def _gate_case(dtype, sizes):
+    """value_and_grad of a loss over o and the final state: every kernel, forward and backward."""
+    from pallas_kernels.simple_gla.ops import simple_gla
+    bsz, h, t = 1, 2, 256
+    kd, vd = sizes["K"], sizes["V"]
+
+    def loss(q, k, v, g, s0):
+        o, final = simple_gla(q, k, v, g, initial_state=s0, output_final_state=True,
+                              impl="triton")
+        return jnp.sum(o.astype(_F32)) + jnp.sum(final)
+
+    def fn(q, k, v, g, s0):
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+
+    dt = jnp.dtype(dtype)
+    args = (_SDS((bsz, t, h, kd), dt), _SDS((bsz, t, h, kd), dt), _SDS((bsz, t, h, vd), dt),
+            _SDS((bsz, t, h), _F32), _SDS((bsz, h, kd, vd), _F32))
+    return fn, args
+
+
+TABLE = KernelTable(op="simple_gla", max_sizes={"K": 256, "V": 256}, request=_request,
+                    shared_bytes=_shared_bytes, gate_case=_gate_case)

@@ -6,8 +6,9 @@ q, k ``[B, T, H, K]``; v ``[B, T, HV, V]``; g ``[B, T, HV]`` (log-decay, ≤ 0);
 head j uses q/k head j // (HV / H); state ``[B, HV, K, V]`` float32 (DESIGN.md §2).
 
 Implementations (``impl``, declared in :data:`OP`): "reference" (token scan, the
-specification), "chunked" (pure JAX, the CPU default), "triton" (Pallas GPU) and "mosaic_tpu"
-(Pallas TPU); the kernels' layout adapter and custom_vjp are in ``kernels.py``.
+specification), "chunked" (pure JAX, the CPU default), "triton" (Triton kernels through
+jax_triton: ``gpu.py``, its limits in ``gpu.TABLE``) and "mosaic_tpu" (Pallas TPU, whose layout
+adapter and custom_vjp are in ``kernels.py``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ _HERE = "pallas_kernels.simple_gla."
 OP = Op("simple_gla",
         impls={"reference": _HERE + "reference:simple_gla_reference",
                "chunked": _HERE + "chunked:simple_gla_chunked",
-               "triton": _HERE + "kernels:simple_gla_triton",
+               "triton": _HERE + "gpu:simple_gla_triton",
                "mosaic_tpu": _HERE + "kernels:simple_gla_tpu"},
         # Its scan runs over the B·NB blocks of all rows: per shard, or XLA gathers the batch.
         shard_map_impls=("chunked",),
+        tables={"triton": _HERE + "gpu:TABLE"},
         bench=BenchSpec(inputs=_bench_inputs,
                         peer={"peer:jla-chunked": "jla.ops.chunked:simple_gla"}))
 AVAILABLE = OP.available
