@@ -57,7 +57,9 @@ class TestGatedDelta(OpSuite):
              "bfloat16": dict(B=2, T=63, H=2, HV=4, K=20, V=12)}
     packing_impls = ("reference", "chunked")
     lower_impls = ("triton", "mosaic_tpu")
-    kernel_names = {"triton": ("gated_delta_fwd_triton", "gated_delta_bwd_triton"),
+    kernel_names = {"triton": ("gated_delta_fwd_wy", "gated_delta_fwd_h", "gated_delta_fwd_o",
+                               "gated_delta_bwd_dv_local", "gated_delta_bwd_dh",
+                               "gated_delta_bwd_dqkw", "gated_delta_bwd_wy"),
                     "mosaic_tpu": ("gated_delta_fwd_tpu", "gated_delta_bwd_tpu")}
 
     def case_kwargs(self, dtype):

@@ -1,22 +1,41 @@
-"""Gated delta rule on GPU: Pallas kernels through the Triton backend, forward and backward.
+"""Gated delta rule on GPU: Triton kernels (``triton_kernels.py``) through jax_triton, fwd + bwd.
 
-The chunk-parallel half (decay matrices, the unit-triangular inverse T = (I + A)^{-1}, the WY
-factors w = T(β e^G k), u = T(β v), the masked intra-chunk scores P) is built in XLA by
-``chunked.kernel_factors`` (see ``chunked.py`` for the math; ``segment_ids`` become masks there,
-so the kernels never see document boundaries). The kernels run the sequential half, one program
-per (batch·head, block of BV value columns) — value columns are independent in the recurrence —
-with the state S [K, BV] carried in a ``fori_loop`` over chunks (Triton has no scratch memory):
+Math (``chunked.py`` derives it). Chunks of C = 64 tokens; inside a chunk (i, j = 0..C-1) G is
+the cumulative log decay, β the write strength, S_c the state entering chunk c:
 
-    forward, chunk c:   δ = u_c − w_c S;   o_c = qg_c S + P_c δ;   S <- λ_c S + kg_cᵀ δ
-    backward, c = NC-1 .. 0, carrying dS = ∂L/∂S_{c+1} (S_c recomputed by the forward kernel,
-    which stores one state per chunk when asked):
-        dδ = P_cᵀ do_c + kg_c dS;   dqg = do_c S_cᵀ;   dP = do_c δᵀ;   dkg = δ dSᵀ;
-        dw = −dδ S_cᵀ;   du = dδ;   dλ = Σ S_c ⊙ dS;   dS <- qg_cᵀ do_c + λ_c dS − w_cᵀ dδ
+    A = strict_lower(β_i e^{G_i − G_j} k_i·k_j),   T = (I + A)^{-1}  (unit lower triangular),
+    w = T (β e^{G} k),   u = T (β v),   δ = u − w S_c            ("v_new"),
+    S_{c+1} = e^{G_{C-1}} S_c + (e^{G_{C-1} − G} k)ᵀ δ,
+    o = scale (e^{G} q) S_c + scale [causal (q kᵀ ⊙ e^{G_i − G_j})] δ.
 
-Products that sum over value columns (dqg, dP, dw, dkg, dλ) come out per value block and are
-summed in XLA. Triton needs power-of-two blocks: C is 64, K and V are zero-padded to powers of
-two (at least 16, the smallest ``tl.dot``), T to a multiple of C. Dots use IEEE float32
-(``Precision.HIGHEST``): Triton's default would be TF32.
+Kernels (grids fill an H100 at B·HV = 32: the parallel ones put chunks on a grid axis):
+
+    forward   gated_delta_fwd_wy    (NC, B·HV)        A, T by 16×16 blocked substitution, w, u
+              gated_delta_fwd_h     (V/BV, B·HV)      the recurrence: h_c, δ, final state
+              gated_delta_fwd_o     (V/BV, NC, B·HV)  o
+    backward  gated_delta_bwd_dv_local (NC, B·HV)     Pᵀ do (the intra-chunk share of dδ)
+              gated_delta_bwd_dh    (V/BV, B·HV)      reverse recurrence: dh_c, dδ, ds0
+              gated_delta_bwd_dqkw  (K/BK, NC, B·HV)  dqg = do hᵀ, dkg = δ dhᵀ, dw = −dδ hᵀ
+              gated_delta_bwd_wy    (NC, B·HV)        back through T, A, P and the gates:
+                                                      dq, dk, dv, dβ, dG
+
+Every reduction over K or V runs inside one kernel (a kernel loops over the tiles); the only
+XLA work is the input handling and the chunk-local cumsum of g (forward) and its transpose
+(the backward's dG -> dg, by autodiff of the same cumsum).
+
+Input handling is the existing path's (``chunked.canonicalize``): float32 l2norm when asked,
+grouped heads expanded, padding tokens (segment id 0) made no-ops (g = 0, β = 0, output zeroed),
+T padded to a multiple of 64 with zero tokens; K, V zero-padded to powers of two >= 16 (exact:
+padded columns add nothing to k·k, q·k and stay zero in the state). ``segment_ids`` reach the
+kernels as per-token document numbers ``docs``, ``carry`` (``chunked.doc_carry``: still in the
+document open before the chunk, so it reads S_c) and ``tail`` (in the chunk's last document, so
+it writes S_{c+1}); with no segment_ids docs = 0, carry = tail = 1.
+
+Dtypes: q, k, v go to the kernels in their input dtype (bf16 or f32) and are the dot operands
+(bf16 -> bf16 tensor-core dots with f32 accumulation, f32 -> Triton's default TF32 on a GPU);
+G, β, the carried state and the final state are float32; per-chunk states h, dh, T, w, u and δ
+are stored in the input dtype, the backward's intermediate gradients in float32. Outputs are in
+the input dtype.
 """
 
 from __future__ import annotations
@@ -25,162 +44,201 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels.common import mm, mm_nt, mm_tn, next_pow2
-from pallas_kernels.gated_delta.chunked import run_kernels
+from pallas_kernels.common import pad_axis
+from pallas_kernels.common.triton_call import launch
+from pallas_kernels.common.triton_support import KernelTable, dtype_name, padded
+from pallas_kernels.gated_delta.chunked import canonicalize, doc_carry
 
-__all__ = ["CHUNK", "fwd_call", "bwd_call", "recurrence", "gated_delta_rule_triton"]
+__all__ = ["CHUNK", "KERNELS", "TABLE", "config", "gated_delta_rule_triton"]
 
 CHUNK = 64
-BLOCK_V_FWD = 64
-BLOCK_V_BWD = 32
-NUM_WARPS = 4
-NUM_STAGES = 1
+KERNELS = ("gated_delta_fwd_wy", "gated_delta_fwd_h", "gated_delta_fwd_o",
+           "gated_delta_bwd_dv_local", "gated_delta_bwd_dh", "gated_delta_bwd_dqkw",
+           "gated_delta_bwd_wy")
+F32 = jnp.float32
 
 
-def _params():
-    return pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+def config(dtype: str, K: int, V: int) -> dict:
+    """Tile sizes and launch options for padded sizes K, V: BK / BV tile the chunk-parallel
+    kernels; BS is the V tile of the sequential kernels, whose state [K, BS] stays in
+    registers (K whole), so it shrinks as K grows."""
+    bk, bv = min(K, 64), min(V, 64)
+    bs = min(V, 64 if K <= 64 else 32)
+    return dict(BK=bk, BV=bv, BS=bs, warps=4, state_warps=4 if K <= 128 else 8, stages=2)
 
 
-# --------------------------------------------------------------------------- forward kernel
-def _fwd_kernel(qg_ref, p_ref, w_ref, u_ref, kg_ref, lam_ref, s0_ref, o_ref, final_ref,
-                *states_ref, n_chunks, chunk, k_size):
-    def body(c, s):                                                      # s: [K, BV]
-        rows = pl.ds(c * chunk, chunk)
-        if states_ref:
-            states_ref[0][pl.ds(c * k_size, k_size), :] = s
-        delta = u_ref[rows, :] - mm(w_ref[rows, :], s)                  # [C, BV]
-        o_ref[rows, :] = mm(qg_ref[rows, :], s) + mm(p_ref[rows, :], delta)
-        return lam_ref[c] * s + mm_tn(kg_ref[rows, :], delta)
-
-    final_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def fwd_call(qg, p, w, u, kg, lam, s0, *, chunk=CHUNK, block_v=BLOCK_V_FWD, with_states=False,
-             interpret=False):
-    """qg, w, kg: [BH, Tp, K]; p: [BH, Tp, C]; u: [BH, Tp, V]; lam: [BH, NC]; s0: [BH, K, V].
-
-    Returns (o [BH, Tp, V], final [BH, K, V]) and, with ``with_states``, the states entering
-    every chunk [BH, NC·K, V].
-    """
-    BH, Tp, K = qg.shape
-    V = u.shape[-1]
-    n_chunks = Tp // chunk
-    bv = min(block_v, V)
-    grid = (BH, V // bv)
-    full = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))
-    cols = lambda n: pl.BlockSpec((None, n, bv), lambda b, j: (b, 0, j))
-    f32 = jnp.float32
-    out_shape = [jax.ShapeDtypeStruct((BH, Tp, V), f32), jax.ShapeDtypeStruct((BH, K, V), f32)]
-    out_specs = [cols(Tp), cols(K)]
-    if with_states:
-        out_shape.append(jax.ShapeDtypeStruct((BH, n_chunks * K, V), f32))
-        out_specs.append(cols(n_chunks * K))
-    kernel = functools.partial(_fwd_kernel, n_chunks=n_chunks, chunk=chunk, k_size=K)
-    return pl.pallas_call(
-        kernel, grid=grid, out_shape=out_shape, out_specs=out_specs,
-        in_specs=[full(K), full(chunk), full(K), cols(Tp), full(K),
-                  pl.BlockSpec((None, n_chunks), lambda b, j: (b, 0)), cols(K)],
-        compiler_params=_params(), interpret=interpret, name="gated_delta_fwd_triton",
-    )(qg, p, w, u, kg, lam, s0)
-
-
-# --------------------------------------------------------------------------- backward kernel
-def _bwd_kernel(qg_ref, p_ref, w_ref, u_ref, kg_ref, lam_ref, states_ref, do_ref, dfinal_ref,
-                dqg_ref, dp_ref, dw_ref, du_ref, dkg_ref, dlam_ref, ds0_ref,
-                *, n_chunks, chunk, k_size):
-    def body(j, ds):                                                     # ds: [K, BV]
-        c = n_chunks - 1 - j
-        rows = pl.ds(c * chunk, chunk)
-        s = states_ref[pl.ds(c * k_size, k_size), :]                     # S_c [K, BV]
-        w = w_ref[rows, :]
-        delta = u_ref[rows, :] - mm(w, s)
-        do = do_ref[rows, :]
-        dd = mm_tn(p_ref[rows, :], do) + mm(kg_ref[rows, :], ds)       # ∂L/∂δ [C, BV]
-        dqg_ref[rows, :] = mm_nt(do, s)
-        dp_ref[rows, :] = mm_nt(do, delta)
-        dkg_ref[rows, :] = mm_nt(delta, ds)
-        dw_ref[rows, :] = -mm_nt(dd, s)
-        du_ref[rows, :] = dd
-        dlam_ref[c] = jnp.sum(jnp.sum(s * ds, axis=1), axis=0)
-        return mm_tn(qg_ref[rows, :], do) + lam_ref[c] * ds - mm_tn(w, dd)
-
-    ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dfinal_ref[...])
+# ------------------------------------------------------------------------------ kernel calls
+def _forward(q, k, v, G, beta, docs, carry, tail, s0, scale, interpret):
+    """q, k [B, Tp, HV, K], v [B, Tp, HV, V] (dtype DT); G, β [B, Tp, HV] f32; docs, carry,
+    tail [B, Tp]; s0 [B·HV, K, V] f32. Returns (o, final, residuals T, w, h, v_new)."""
+    from pallas_kernels.gated_delta import triton_kernels as tk
+    B, Tp, HV, K = q.shape
+    V = v.shape[-1]
+    NC, C, dt = Tp // CHUNK, CHUNK, q.dtype
+    cf = config(dtype_name(q), K, V)
+    dims = dict(HV=HV, Tp=Tp, K=K, V=V, C=C)
+    common = dict(interpret=interpret, num_warps=cf["warps"], num_stages=cf["stages"])
+    masks = (G, docs, carry, tail)
+    t, w, u, _ = launch(tk.gated_delta_fwd_wy, k, v, G, beta, *masks[1:],
+                        out_shape=[_sds((B, Tp, HV, C), dt), _sds(q.shape, dt),
+                                   _sds(v.shape, dt), _sds((B, Tp, HV, C), F32)],
+                        grid=(NC, B * HV), name="gated_delta_fwd_wy", **common,
+                        BK=cf["BK"], BV=cf["BV"], **dims)
+    h, v_new, final = launch(tk.gated_delta_fwd_h, k, w, u, *masks, s0,
+                             out_shape=[_sds((B * HV, NC, K, V), dt), _sds(v.shape, dt),
+                                        _sds((B * HV, K, V), F32)],
+                             grid=(V // cf["BS"], B * HV), name="gated_delta_fwd_h",
+                             interpret=interpret, num_warps=cf["state_warps"],
+                             num_stages=cf["stages"], NC=NC, BV=cf["BS"], **dims)
+    (o,) = launch(tk.gated_delta_fwd_o, q, k, v_new, h, *masks,
+                  out_shape=[_sds(v.shape, dt)], grid=(V // cf["BV"], NC, B * HV),
+                  name="gated_delta_fwd_o", **common, NC=NC, BK=cf["BK"], BV=cf["BV"],
+                  scale=scale, **dims)
+    return o, final, (t, w, h, v_new)
 
 
-def bwd_call(qg, p, w, u, kg, lam, states, do, dfinal, *, chunk=CHUNK, block_v=BLOCK_V_BWD,
-             interpret=False):
-    """Backward of :func:`fwd_call` given its chunk states. Returns (dqg, dp, dw, du, dkg, dlam,
-    ds0) with the value-summed ones (dqg, dp, dw, dkg, dlam) already summed over value blocks."""
-    BH, Tp, K = qg.shape
-    V = u.shape[-1]
-    n_chunks = Tp // chunk
-    bv = min(block_v, V)
-    nvb = V // bv
-    full = lambda d: pl.BlockSpec((None, Tp, d), lambda b, j: (b, 0, 0))
-    cols = lambda n: pl.BlockSpec((None, n, bv), lambda b, j: (b, 0, j))
-    part = lambda d: pl.BlockSpec((None, None, Tp, d), lambda b, j: (j, b, 0, 0))
-    f32 = jnp.float32
-    sds = jax.ShapeDtypeStruct
-    kernel = functools.partial(_bwd_kernel, n_chunks=n_chunks, chunk=chunk, k_size=K)
-    dqg, dp, dw, du, dkg, dlam, ds0 = pl.pallas_call(
-        kernel, grid=(BH, nvb),
-        in_specs=[full(K), full(chunk), full(K), cols(Tp), full(K),
-                  pl.BlockSpec((None, n_chunks), lambda b, j: (b, 0)), cols(n_chunks * K),
-                  cols(Tp), cols(K)],
-        out_specs=[part(K), part(chunk), part(K), cols(Tp), part(K),
-                   pl.BlockSpec((None, None, n_chunks), lambda b, j: (j, b, 0)), cols(K)],
-        out_shape=[sds((nvb, BH, Tp, K), f32), sds((nvb, BH, Tp, chunk), f32),
-                   sds((nvb, BH, Tp, K), f32), sds((BH, Tp, V), f32),
-                   sds((nvb, BH, Tp, K), f32), sds((nvb, BH, n_chunks), f32),
-                   sds((BH, K, V), f32)],
-        compiler_params=_params(), interpret=interpret, name="gated_delta_bwd_triton",
-    )(qg, p, w, u, kg, lam, states, do, dfinal)
-    total = lambda x: jnp.sum(x, axis=0)
-    return total(dqg), total(dp), total(dw), du, total(dkg), total(dlam), ds0
+def _backward(q, k, v, G, beta, docs, carry, tail, res, do, dfinal, scale, interpret):
+    """Gradients (dq, dk, dv, dG, dβ, ds0), float32, of :func:`_forward`'s (o, final)."""
+    from pallas_kernels.gated_delta import triton_kernels as tk
+    t, w, h, v_new = res
+    B, Tp, HV, K = q.shape
+    V = v.shape[-1]
+    NC, C = Tp // CHUNK, CHUNK
+    cf = config(dtype_name(q), K, V)
+    dims = dict(HV=HV, Tp=Tp, K=K, V=V, C=C)
+    common = dict(interpret=interpret, num_warps=cf["warps"], num_stages=cf["stages"])
+    masks = (G, docs, carry, tail)
+    do = do.astype(q.dtype)
+    (dvl,) = launch(tk.gated_delta_bwd_dv_local, q, k, do, *masks,
+                    out_shape=[_sds(v.shape, F32)], grid=(NC, B * HV),
+                    name="gated_delta_bwd_dv_local", **common, BK=cf["BK"], BV=cf["BV"],
+                    scale=scale, **dims)
+    dh, dd, ds0 = launch(tk.gated_delta_bwd_dh, q, k, w, do, dvl, *masks, dfinal,
+                         out_shape=[_sds(h.shape, q.dtype), _sds(v.shape, F32),
+                                    _sds((B * HV, K, V), F32)],
+                         grid=(V // cf["BS"], B * HV), name="gated_delta_bwd_dh",
+                         interpret=interpret, num_warps=cf["state_warps"],
+                         num_stages=cf["stages"], NC=NC, BV=cf["BS"], scale=scale, **dims)
+    dqg, dkg, dw = launch(tk.gated_delta_bwd_dqkw, do, v_new, dd, h, dh,
+                          out_shape=[_sds(q.shape, F32)] * 3, grid=(K // cf["BK"], NC, B * HV),
+                          name="gated_delta_bwd_dqkw", **common, NC=NC, BK=cf["BK"],
+                          BV=cf["BV"], **dims)
+    dq, dk, dv, dbeta, dG = launch(
+        tk.gated_delta_bwd_wy, q, k, v, beta, *masks, t, v_new, do, dd, h, dh, dqg, dkg, dw,
+        out_shape=[_sds(q.shape, F32), _sds(q.shape, F32), _sds(v.shape, F32),
+                   _sds(beta.shape, F32), _sds(beta.shape, F32)],
+        grid=(NC, B * HV), name="gated_delta_bwd_wy", **common, NC=NC, BK=cf["BK"],
+        BV=cf["BV"], scale=scale, **dims)
+    return dq, dk, dv, dG, dbeta, ds0
 
 
-# --------------------------------------------------------------------------- custom VJP
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def recurrence(qg, p, w, u, kg, lam, s0, chunk, interpret):
-    """(o, final) of the chunk recurrence (shapes as in :func:`fwd_call`)."""
-    return fwd_call(qg, p, w, u, kg, lam, s0, chunk=chunk, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _core(q, k, v, G, beta, docs, carry, tail, s0, scale, interpret):
+    o, final, _ = _forward(q, k, v, G, beta, docs, carry, tail, s0, scale, interpret)
+    return o, final
 
 
-def _recurrence_fwd(qg, p, w, u, kg, lam, s0, chunk, interpret):
-    out = fwd_call(qg, p, w, u, kg, lam, s0, chunk=chunk, interpret=interpret)
-    return out, (qg, p, w, u, kg, lam, s0)          # inputs only: states are recomputed
+def _core_fwd(q, k, v, G, beta, docs, carry, tail, s0, scale, interpret):
+    o, final, res = _forward(q, k, v, G, beta, docs, carry, tail, s0, scale, interpret)
+    return (o, final), (q, k, v, G, beta, docs, carry, tail, res)
 
 
-def _recurrence_bwd(chunk, interpret, res, cts):
-    qg, p, w, u, kg, lam, s0 = res
+def _core_bwd(scale, interpret, saved, cts):
+    q, k, v, G, beta, docs, carry, tail, res = saved
     do, dfinal = cts
-    _, _, states = fwd_call(qg, p, w, u, kg, lam, s0, chunk=chunk, with_states=True,
-                            interpret=interpret)
-    return bwd_call(qg, p, w, u, kg, lam, states, do, dfinal, chunk=chunk, interpret=interpret)
+    dq, dk, dv, dG, dbeta, ds0 = _backward(q, k, v, G, beta, docs, carry, tail, res, do,
+                                           dfinal.astype(F32), scale, interpret)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG, dbeta, None,
+            None, None, ds0)
 
 
-recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ------------------------------------------------------------------------------ entry point
+def _compute_dtype(q, k, v):
+    return jnp.result_type(q.dtype, k.dtype, v.dtype)
 
 
 def gated_delta_rule_triton(q, k, v, g, beta, *, scale=None, initial_state=None,
                             output_final_state=False, use_qk_l2norm=False, segment_ids=None,
                             interpret=False):
-    """Gated delta rule through the Triton kernels. Shapes as in ``reference.py``."""
-    kp, vp = max(16, next_pow2(q.shape[-1])), max(16, next_pow2(v.shape[-1]))
+    """Gated delta rule through the Triton kernels. Shapes as in ``reference.py``; returns
+    (o [B, T, HV, V] in v.dtype, final state [B, HV, K, V] float32 or None)."""
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    dt, out_dtype = _compute_dtype(q, k, v), v.dtype
+    scale = float(K ** -0.5 if scale is None else scale)
+    kp, vp = padded(K), padded(V)
+    q, k, v, g, beta, docs, valid = canonicalize(q, k, v, g, beta, segment_ids=segment_ids,
+                                                 use_qk_l2norm=use_qk_l2norm, chunk=CHUNK)
+    Tp = q.shape[1]
+    feat = lambda x, n: (x if x.shape[-1] == n else pad_axis(x, x.ndim - 1, n)).astype(dt)
+    q, k, v = feat(q, kp), feat(k, kp), feat(v, vp)
+    # G: the cumulative log decay within each chunk (its transpose is the backward's dG -> dg)
+    G = jnp.cumsum(g.reshape(B, Tp // CHUNK, CHUNK, HV), axis=2).reshape(B, Tp, HV)
+    if docs is None:
+        docs = jnp.zeros((B, Tp), jnp.int32)
+        carry = tail = jnp.ones((B, Tp), F32)
+    else:
+        carry = doc_carry(docs, CHUNK)
+        chunks = docs.reshape(B, Tp // CHUNK, CHUNK)
+        tail = (chunks == chunks[..., -1:]).astype(F32).reshape(B, Tp)
+        docs = docs.astype(jnp.int32)
+    s0 = jnp.zeros((B, HV, kp, vp), F32)
+    if initial_state is not None:
+        s0 = s0.at[:, :, :K, :V].set(initial_state.astype(F32))
+    o, final = _core(q, k, v, G, beta, docs, carry, tail, s0.reshape(B * HV, kp, vp), scale,
+                     interpret)
+    o = o[:, :T, :, :V]
+    if valid is not None:
+        o = jnp.where(valid[..., None, None], o, 0)
+    final = final.reshape(B, HV, kp, vp)[:, :, :K, :V]
+    return o.astype(out_dtype), (final if output_final_state else None)
 
-    def run(f, s0):
-        B, HV, NC = f.lam.shape
-        flat = lambda x: x.reshape(B * HV, NC * CHUNK, x.shape[-1])      # [BH, Tp, D]
-        o, final = recurrence(flat(f.qg), flat(f.p), flat(f.w), flat(f.u), flat(f.kg),
-                              f.lam.reshape(B * HV, NC), s0.reshape(B * HV, kp, vp), CHUNK,
-                              interpret)
-        return o.reshape(B, HV, NC, CHUNK, vp), final.reshape(B, HV, kp, vp)
 
-    return run_kernels(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                       output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
-                       segment_ids=segment_ids, chunk=CHUNK, k_size=kp, v_size=vp,
-                       recurrence=run)
+# ------------------------------------------------------------------------------ kernel table
+def _request(arrays, static):
+    q, k, v = arrays[:3]
+    return jnp.dtype(_compute_dtype(q, k, v)).name, {"K": padded(q.shape[-1]),
+                                                     "V": padded(v.shape[-1])}
+
+
+def _shared_bytes(dtype, sizes):
+    """Shared memory of the largest kernel (gated_delta_bwd_wy): its C×C operands (T, Tᵀ,
+    the score gradients) and, per pipeline stage, the [C, BK] / [C, BV] tiles of one loop step
+    (q, k, dw, dqg, dkg; v, dδ, do, δ) that feed tensor-core dots."""
+    item = jnp.dtype(dtype).itemsize
+    cf = config(dtype, sizes["K"], sizes["V"])
+    C = CHUNK
+    square = 4 * C * C * item
+    tiles = max(5 * C * cf["BK"], 4 * C * cf["BV"]) * max(item, 4)
+    state = sizes["K"] * cf["BS"] * item + C * sizes["K"] * item * 3     # h kernels: S, w, k, q
+    return max(square + cf["stages"] * tiles, cf["stages"] * state)
+
+
+def _gate_case(dtype, sizes):
+    """value_and_grad over the public op (impl="triton", initial state, final state): every
+    kernel of the family, forward and backward, at B=1, H=2, T=256."""
+    from pallas_kernels.gated_delta.ops import gated_delta_rule
+    B, T, H, K, V = 1, 256, 2, sizes["K"], sizes["V"]
+    dt = jnp.dtype(dtype)
+
+    def loss(q, k, v, g, beta, s0):
+        o, final = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True,
+                                    impl="triton")
+        return jnp.sum(o.astype(F32) ** 2) + jnp.sum(final ** 2)
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+    args = (_sds((B, T, H, K), dt), _sds((B, T, H, K), dt), _sds((B, T, H, V), dt),
+            _sds((B, T, H), dt), _sds((B, T, H), dt), _sds((B, H, K, V), F32))
+    return fn, args
+
+
+TABLE = KernelTable(op="gated_delta_rule", max_sizes={"K": 256, "V": 256}, request=_request,
+                    shared_bytes=_shared_bytes, gate_case=_gate_case)

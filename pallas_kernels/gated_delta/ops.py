@@ -6,14 +6,17 @@ q, k [B, T, H, K]; v [B, T, HV, V]; g (log decay, <= 0), β (in [0, 1]) [B, T, H
 and value head j reads q/k head j // (HV / H); state [B, HV, K, V] float32 (key-major).
 
 Implementations (``impl``): "reference" (token scan, the specification; it applies segment
-resets and padding itself), "chunked" (pure JAX, the CPU default), "triton" (Pallas GPU),
-"mosaic_tpu" (Pallas TPU). The last three share one exact input transformation
-(``chunked.canonicalize``): q/k L2-normalised when asked, grouped heads expanded, padding tokens
-(segment id 0) turned into no-ops (g = 0, β = 0, output masked), T padded with zero tokens. The
-Pallas kernels run only the sequential chunk recurrence; the chunk-parallel WY factors are built
-in XLA (``chunked.prepare``), where ``segment_ids`` become masks on the decay matrices and on the
-incoming/outgoing chunk state (exact; see ``chunked.py``), so the kernels themselves never see
-document boundaries.
+resets and padding itself), "chunked" (pure JAX, the CPU default), "triton" (Triton kernels
+through jax_triton, ``gpu.py``), "mosaic_tpu" (Pallas TPU). The last three share one exact input
+transformation (``chunked.canonicalize``): q/k L2-normalised when asked, grouped heads expanded,
+padding tokens (segment id 0) turned into no-ops (g = 0, β = 0, output masked), T padded with
+zero tokens; ``segment_ids`` become masks on the decay matrices and on the incoming/outgoing
+chunk state (exact; see ``chunked.py``). The TPU kernels run only the sequential chunk
+recurrence on WY factors built in XLA (``chunked.prepare``); the Triton kernels build the
+factors too (chunk-parallel kernels for T = (I + A)^{-1}, w, u, o and their gradients, and the
+two sequential state kernels), and ``gpu.TABLE`` says which calls they take (dtypes float32 /
+bfloat16, K and V up to 256, the GPU architectures); under ``impl="auto"`` any other call runs
+"chunked".
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ OP = Op("gated_delta_rule",
                "chunked": _HERE + "chunked:gated_delta_rule_chunked",
                "triton": _HERE + "gpu:gated_delta_rule_triton",
                "mosaic_tpu": _HERE + "tpu:gated_delta_rule_tpu"},
+        tables={"triton": _HERE + "gpu:TABLE"},
         bench=BenchSpec(inputs=_bench_inputs,
                         shapes=({"B": 1, "H": 4, "D": 64}, {"B": 1, "H": 2, "D": 128}),
                         peer={"peer:jla-chunked": "jla.ops.chunked:gated_delta_rule"}))
