@@ -2,7 +2,8 @@
 
 For each op with Triton kernels, each configuration of its kernel table (dtype x padded feature
 sizes) and each architecture, the op's forward + backward is lowered for CUDA through jax_triton,
-each kernel's PTX is assembled by Triton's bundled ptxas, and one row per kernel is printed:
+each kernel's PTX is assembled by Triton's bundled ptxas, and one row per kernel is printed
+(a configuration the table refuses on an architecture is listed with its reason instead):
 warps, registers, spill bytes, shared memory, tensor-core instructions (mma.sync on sm_80,
 wgmma on sm_90a, tcgen05.mma on sm_100a) and what fails (shared memory over the limit, spills
 over the kernel's allowance, serialized wgmma, no tensor-core instruction). Needs the gpu-check
@@ -80,6 +81,11 @@ def main(argv=None) -> int:
         table = tables[op]
         for dtype, sizes in table.configurations():
             for cc in args.archs:
+                if (why := table.refusal(dtype, sizes, cc)) is not None:
+                    label = triton_gate.config_label(dtype, sizes)
+                    print(f"{op:18} {label:22} sm_{cc:<5} (refused by the table: {why})")
+                    rows.append({"op": op, "config": label, "capability": cc, "refused": why})
+                    continue
                 for r in triton_gate.reports(table, dtype, sizes, cc, cache=cache):
                     bad = triton_gate.violations(table, r)
                     failures += bad
@@ -89,7 +95,9 @@ def main(argv=None) -> int:
                           f"{'FAIL' if bad else 'ok'}")
     for f in failures:
         print("FAIL", f)
-    print(f"{len(rows)} kernels compiled, {len(failures)} failures")
+    compiled = sum("kernel" in r for r in rows)
+    print(f"{compiled} kernels compiled, {len(rows) - compiled} configurations refused by their "
+          f"tables, {len(failures)} failures")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"kernels": rows, "failures": failures}, f, indent=1)

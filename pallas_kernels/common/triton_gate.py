@@ -14,7 +14,9 @@ architecture (sm_80, sm_90a, sm_100a):
    the architecture's tensor-core instruction (``mma.sync``, ``wgmma.mma_async``,
    ``tcgen05.mma``) in its PTX.
 
-Reports are cached in a JSON file keyed by a hash of everything that decides them: the
+Configurations the table refuses on an architecture (over its shared-memory estimate) are
+not compiled there: the dispatcher runs the portable form for them, and the gate reports the
+refusal. Reports are cached in a JSON file keyed by a hash of everything that decides them: the
 sources of the op's package and of ``pallas_kernels/common``, the configuration, the
 architecture and the versions of jax, jaxlib, triton and jax_triton. A kernel edit changes the
 key, so only what changed is compiled again.
@@ -189,7 +191,9 @@ def source_key(op: str, dtype: str, sizes, capability: int) -> str:
 
 def reports(table: KernelTable, dtype: str, sizes, capability: int,
             cache: pathlib.Path | None = None) -> list[KernelReport]:
-    """:func:`compile_case`, answered from ``cache`` (a JSON file) when the key is there."""
+    """:func:`compile_case`, answered from ``cache`` (a JSON file) when the key is there. A
+    configuration the table itself refuses on this architecture (the dispatcher never runs it)
+    is not compiled: see :meth:`KernelTable.refusal`."""
     key = source_key(table.op, dtype, sizes, capability)
     store = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
     if key in store:

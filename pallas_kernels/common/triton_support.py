@@ -90,6 +90,11 @@ class KernelTable:
                 interpret: bool = False) -> str | None:
         """Why the kernels cannot run this call (one line), or None when they can."""
         dtype, sizes = self.request(arrays, static)
+        return self.refusal(dtype, sizes, capability, interpret)
+
+    def refusal(self, dtype: str, sizes: Mapping[str, int], capability: int | None,
+                interpret: bool = False) -> str | None:
+        """:meth:`problem` for a request already mapped to (dtype, padded sizes)."""
         if dtype not in self.dtypes:
             return f"dtype {dtype} is not one of {self.dtypes}"
         for dim, size in sizes.items():
