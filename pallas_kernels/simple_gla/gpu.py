@@ -1,5 +1,5 @@
-"""simple_gla on GPU: Triton kernels (``triton_kernels.py``) behind one custom_vjp, their layout and
-the dispatcher's table.
+"""simple_gla on GPU: Triton kernels (``triton_kernels.py``) behind one custom_vjp, their layout
+and the dispatcher's table.
 
     S_t = exp(g_t)·S_{t-1} + k_t v_tᵀ,    o_t = scale·S_tᵀ q_t
 
@@ -57,22 +57,27 @@ def tiles(kp: int, vp: int) -> tuple[int, int]:
     return min(kp, 64), min(vp, 64)
 
 
-def _launch_options(dtype) -> dict:
-    """num_warps / num_stages of every kernel (4 warps hold a 64x64 float32 tile in registers)."""
-    return dict(num_warps=4, num_stages=2)
+def _launch_options(kernel: str) -> dict:
+    """num_warps / num_stages per kernel. 4 warps hold two [64, 64] float32 accumulators in
+    registers; bwd_dqdk carries three (dO vᵀ, dO Sᵀ, v Gᵀ) and spilled 1.2 KB on sm_80 in float32
+    with 4 warps (255 registers), so it gets 8."""
+    return dict(num_warps=8 if kernel == "simple_gla_bwd_dqdk" else 4, num_stages=2)
 
 
-def _kernels():
+def _launch(name, *inputs, out_shape, grid, interpret, **constexprs):
+    """Kernel ``name`` of ``triton_kernels`` (imported here: Triton only when a kernel runs)."""
     from pallas_kernels.simple_gla import triton_kernels
-    return triton_kernels
+    return triton_call.launch(getattr(triton_kernels, name), *inputs, out_shape=out_shape,
+                              grid=grid, interpret=interpret, name=name,
+                              **_launch_options(name), **constexprs)
 
 
-def _sizes(q, v, chunk):
-    bsz, h, t, kp = q.shape
-    hv, vp = v.shape[1], v.shape[3]
-    bk, bv = tiles(kp, vp)
-    const = dict(T=t, H=h, HV=hv, K=kp, V=vp, C=chunk, BK=bk, BV=bv)
-    return bsz * hv, t // chunk, const
+def _constants(q, v, seg, chunk):
+    """The constexprs every kernel takes: sizes, tiles, HAS_SEG."""
+    t, kp = q.shape[2:]
+    bk, bv = tiles(kp, v.shape[3])
+    return dict(T=t, H=q.shape[1], HV=v.shape[1], K=kp, V=v.shape[3], C=chunk, BK=bk, BV=bv,
+                HAS_SEG=seg is not None)
 
 
 def _masks(b, seg):
@@ -82,42 +87,33 @@ def _masks(b, seg):
 
 def _forward(q, k, v, b, seg, s0, scale, interpret, chunk=DEFAULT_CHUNK):
     """(o [B, HV, T, V] in v.dtype, final [B, HV, K, V] f32, h [B, HV, NT, K, V] in v.dtype)."""
-    tk = _kernels()
-    bhv, nt, const = _sizes(q, v, chunk)
-    kp, vp, bk, bv = const["K"], const["V"], const["BK"], const["BV"]
-    opts = dict(interpret=interpret, HAS_SEG=seg is not None, **_launch_options(v.dtype), **const)
-    bsz, hv = v.shape[:2]
-    hs, final = triton_call.launch(
-        tk.simple_gla_fwd_h, k, v, b, *_masks(b, seg), s0,
+    c = _constants(q, v, seg, chunk)
+    bsz, hv, t, vp = v.shape
+    kp, nt, bhv = c["K"], t // chunk, bsz * hv
+    hs, final = _launch(
+        "simple_gla_fwd_h", k, v, b, *_masks(b, seg), s0,
         out_shape=[_SDS((bsz, hv, nt, kp, vp), v.dtype), _SDS((bsz, hv, kp, vp), _F32)],
-        grid=(kp // bk, vp // bv, bhv), name="simple_gla_fwd_h", **opts)
-    (o,) = triton_call.launch(
-        tk.simple_gla_fwd_o, q, k, v, b, *_masks(b, seg), hs,
-        out_shape=[_SDS(v.shape, v.dtype)], grid=(vp // bv, nt, bhv), name="simple_gla_fwd_o",
-        SCALE=scale, **opts)
+        grid=(kp // c["BK"], vp // c["BV"], bhv), interpret=interpret, **c)
+    (o,) = _launch("simple_gla_fwd_o", q, k, v, b, *_masks(b, seg), hs,
+                   out_shape=[_SDS(v.shape, v.dtype)], grid=(vp // c["BV"], nt, bhv),
+                   interpret=interpret, SCALE=scale, **c)
     return o, final, hs
 
 
 def _backward(q, k, v, b, seg, hs, do, dfinal, scale, interpret, chunk=DEFAULT_CHUNK):
     """(dq, dk [B, HV, T, K] per value head, dv [B, HV, T, V], ds0 [B, HV, K, V]), float32."""
-    tk = _kernels()
-    bhv, nt, const = _sizes(q, v, chunk)
-    kp, vp, bk, bv = const["K"], const["V"], const["BK"], const["BV"]
-    opts = dict(interpret=interpret, HAS_SEG=seg is not None, SCALE=scale,
-                **_launch_options(v.dtype), **const)
-    bsz, hv, t = v.shape[:3]
-    dhs, ds0 = triton_call.launch(
-        tk.simple_gla_bwd_dh, q, do, b, *_masks(b, seg), dfinal,
-        out_shape=[_SDS(hs.shape, v.dtype), _SDS((bsz, hv, kp, vp), _F32)],
-        grid=(kp // bk, vp // bv, bhv), name="simple_gla_bwd_dh", **opts)
-    (dv,) = triton_call.launch(
-        tk.simple_gla_bwd_dv, q, k, do, b, *_masks(b, seg), dhs,
-        out_shape=[_SDS(v.shape, _F32)], grid=(vp // bv, nt, bhv), name="simple_gla_bwd_dv",
-        **opts)
-    dq, dk = triton_call.launch(
-        tk.simple_gla_bwd_dqdk, q, k, v, do, b, *_masks(b, seg), hs, dhs,
-        out_shape=[_SDS((bsz, hv, t, kp), _F32)] * 2, grid=(kp // bk, nt, bhv),
-        name="simple_gla_bwd_dqdk", **opts)
+    c = dict(_constants(q, v, seg, chunk), SCALE=scale)
+    bsz, hv, t, vp = v.shape
+    kp, nt, bhv = c["K"], t // chunk, bsz * hv
+    dhs, ds0 = _launch("simple_gla_bwd_dh", q, do, b, *_masks(b, seg), dfinal,
+                       out_shape=[_SDS(hs.shape, v.dtype), _SDS((bsz, hv, kp, vp), _F32)],
+                       grid=(kp // c["BK"], vp // c["BV"], bhv), interpret=interpret, **c)
+    (dv,) = _launch("simple_gla_bwd_dv", q, k, do, b, *_masks(b, seg), dhs,
+                    out_shape=[_SDS(v.shape, _F32)], grid=(vp // c["BV"], nt, bhv),
+                    interpret=interpret, **c)
+    dq, dk = _launch("simple_gla_bwd_dqdk", q, k, v, do, b, *_masks(b, seg), hs, dhs,
+                     out_shape=[_SDS((bsz, hv, t, kp), _F32)] * 2, grid=(kp // c["BK"], nt, bhv),
+                     interpret=interpret, **c)
     return dq, dk, dv, ds0
 
 
@@ -203,7 +199,7 @@ def _shared_bytes(dtype, sizes):
     item = jnp.dtype(dtype).itemsize
     c = DEFAULT_CHUNK
     bk, bv = tiles(sizes["K"], sizes["V"])
-    stages = _launch_options(dtype)["num_stages"]
+    stages = _launch_options("simple_gla_bwd_dqdk")["num_stages"]
     dqdk = max(stages * (2 * c * bv + 2 * bk * bv), 2 * c * bk + c * c)
     fwd_o = max(stages * (2 * c * bk + bk * bv), c * bv + c * c)
     return item * max(dqdk, fwd_o)
