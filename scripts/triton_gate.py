@@ -27,7 +27,7 @@ ARCH_CHOICES = (80, 90, 100)
 EPILOG = """examples:
   python scripts/triton_gate.py
   python scripts/triton_gate.py --ops gated_delta_rule --archs 90 --no-cache
-  python scripts/triton_gate.py --json gate.json
+  python scripts/triton_gate.py --json gate.json --jobs 2
 """
 
 
@@ -41,6 +41,36 @@ def _archs(text: str) -> tuple[int, ...]:
     return archs
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return int(text)
+
+
+def _compile_item(item):
+    """One (op, dtype, sizes, capability), compiled in a worker process: its reports as dicts."""
+    from pallas_kernels.common import triton_gate
+    op, dtype, sizes, cc = item
+    return [dataclasses.asdict(r) for r in
+            triton_gate.compile_case(triton_gate.tables()[op], dtype, sizes, cc)]
+
+
+def _precompile(items, cache, jobs: int) -> None:
+    """Fill ``cache`` with the items it lacks, ``jobs`` processes at a time."""
+    import concurrent.futures
+    import multiprocessing
+
+    from pallas_kernels.common import triton_gate
+    todo = [i for i in items if triton_gate.cached(cache, triton_gate.source_key(*i)) is None]
+    if not todo:
+        return
+    ctx = multiprocessing.get_context("spawn")      # jax does not survive a fork
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        for item, out in zip(todo, pool.map(_compile_item, todo)):
+            triton_gate.store(cache, triton_gate.source_key(*item),
+                              [triton_gate.KernelReport(**r) for r in out])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"JSON cache of reports keyed by source hash (default: {CACHE})")
     p.add_argument("--no-cache", action="store_true",
                    help="compile everything again and leave the cache alone (default: off)")
+    p.add_argument("--jobs", type=_positive, default=1, metavar="N",
+                   help="compile in N processes (default: 1)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every report and failure here (default: none)")
     return p
@@ -73,6 +105,10 @@ def main(argv=None) -> int:
               f"{sorted(tables)}", file=sys.stderr)
         return 2
     cache = None if args.no_cache else pathlib.Path(ROOT, args.cache)
+    if args.jobs > 1 and cache is not None:
+        _precompile([(op, dtype, sizes, cc) for op in wanted
+                     for dtype, sizes in tables[op].configurations() for cc in args.archs
+                     if tables[op].refusal(dtype, sizes, cc) is None], cache, args.jobs)
     rows, failures = [], []
     head = (f"{'op':18} {'config':22} {'arch':8} {'kernel':34} {'warps':>5} {'regs':>4} "
             f"{'spill':>6} {'smem':>7} {'tc':>5}  verdict")

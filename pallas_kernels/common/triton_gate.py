@@ -41,8 +41,8 @@ import jax
 from pallas_kernels.common import triton_call
 from pallas_kernels.common.triton_support import ARCHS, KernelTable
 
-__all__ = ["KernelReport", "capture", "compile_case", "reports", "violations", "tables",
-           "source_key"]
+__all__ = ["KernelReport", "capture", "compile_case", "reports", "cached", "store",
+           "violations", "tables", "source_key"]
 
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]          # pallas_kernels/
 
@@ -167,8 +167,11 @@ def compile_case(table: KernelTable, dtype: str, sizes, capability: int) -> list
 
 # ----------------------------------------------------------------------------------- cache
 def _sources(op: str) -> list[pathlib.Path]:
+    """The files that decide an op's Triton kernels: its package and common/, less the TPU-only
+    modules (a TPU edit does not recompile the GPU kernels)."""
     package = _load_package(op)
-    return sorted([*package.glob("*.py"), *(_PACKAGE / "common").glob("*.py")])
+    files = [*package.glob("*.py"), *(_PACKAGE / "common").glob("*.py")]
+    return sorted(f for f in files if "tpu" not in f.name and f.name != "mxu.py")
 
 
 def _load_package(op: str) -> pathlib.Path:
@@ -189,20 +192,28 @@ def source_key(op: str, dtype: str, sizes, capability: int) -> str:
     return h.hexdigest()
 
 
+def cached(cache: pathlib.Path | None, key: str) -> list[KernelReport] | None:
+    """The reports stored under ``key`` in the JSON file ``cache``, or None."""
+    store = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    return [KernelReport(**r) for r in store[key]] if key in store else None
+
+
+def store(cache: pathlib.Path, key: str, out: list[KernelReport]) -> None:
+    data = json.loads(cache.read_text()) if cache.exists() else {}
+    data[key] = [dataclasses.asdict(r) for r in out]
+    cache.write_text(json.dumps(data, indent=0, sort_keys=True))
+
+
 def reports(table: KernelTable, dtype: str, sizes, capability: int,
             cache: pathlib.Path | None = None) -> list[KernelReport]:
-    """:func:`compile_case`, answered from ``cache`` (a JSON file) when the key is there. A
-    configuration the table itself refuses on this architecture (the dispatcher never runs it)
-    is not compiled: see :meth:`KernelTable.refusal`."""
+    """:func:`compile_case`, answered from ``cache`` (a JSON file) when the key is there.
+    Callers skip what the table refuses on the architecture (:meth:`KernelTable.refusal`)."""
     key = source_key(table.op, dtype, sizes, capability)
-    store = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
-    if key in store:
-        return [KernelReport(**r) for r in store[key]]
+    if (hit := cached(cache, key)) is not None:
+        return hit
     out = compile_case(table, dtype, sizes, capability)
     if cache is not None:
-        store = json.loads(cache.read_text()) if cache.exists() else {}
-        store[key] = [dataclasses.asdict(r) for r in out]
-        cache.write_text(json.dumps(store, indent=0, sort_keys=True))
+        store(cache, key, out)
     return out
 
 
