@@ -105,7 +105,10 @@ def main(argv=None) -> int:
               f"{sorted(tables)}", file=sys.stderr)
         return 2
     cache = None if args.no_cache else pathlib.Path(ROOT, args.cache)
-    if args.jobs > 1 and cache is not None:
+    if args.jobs > 1 and cache is None:             # the workers' results pass through a file
+        import tempfile
+        cache = pathlib.Path(tempfile.mkdtemp(), "gate.json")
+    if args.jobs > 1:
         _precompile([(op, dtype, sizes, cc) for op in wanted
                      for dtype, sizes in tables[op].configurations() for cc in args.archs
                      if tables[op].refusal(dtype, sizes, cc) is None], cache, args.jobs)
