@@ -17,7 +17,8 @@ Kernels (grids fill an H100 at B·HV = 32: the parallel ones put chunks on a gri
               gated_delta_bwd_dh    (V/BV, B·HV)      reverse recurrence: dh_c, dδ, ds0
               gated_delta_bwd_dqkw  (K/BK, NC, B·HV)  dqg = do hᵀ, dkg = δ dhᵀ, dw = −dδ hᵀ
               gated_delta_bwd_wy    (NC, B·HV)        back through T, A, P and the gates:
-                                                      dq, dk, dv, dβ, dG
+                                                      dv, dβ, dG, score gradients dkk, dqk
+              gated_delta_bwd_dqdk  (K/BK, NC, B·HV)  dq, dk
 
 Every reduction over K or V runs inside one kernel (a kernel loops over the tiles); the only
 XLA work is the input handling and the chunk-local cumsum of g (forward) and its transpose
@@ -27,7 +28,9 @@ Input handling is the existing path's (``chunked.canonicalize``): float32 l2norm
 grouped heads expanded, padding tokens (segment id 0) made no-ops (g = 0, β = 0, output zeroed),
 T padded to a multiple of 64 with zero tokens; K, V zero-padded to powers of two >= 16 (exact:
 padded columns add nothing to k·k, q·k and stay zero in the state). ``segment_ids`` reach the
-kernels as per-token document numbers ``docs``, ``carry`` (``chunked.doc_carry``: still in the
+kernels as per-token document numbers ``docs`` (float32, compared only for equality: under the interpreter an
+int32 input made other pointers' element types int32 at random, likely the adapter's per-array
+dtype objects being recycled at one address by Triton's native type specialiser), ``carry`` (``chunked.doc_carry``: still in the
 document open before the chunk, so it reads S_c) and ``tail`` (in the chunk's last document, so
 it writes S_{c+1}); with no segment_ids docs = 0, carry = tail = 1.
 
@@ -55,17 +58,21 @@ __all__ = ["CHUNK", "KERNELS", "TABLE", "config", "gated_delta_rule_triton"]
 CHUNK = 64
 KERNELS = ("gated_delta_fwd_wy", "gated_delta_fwd_h", "gated_delta_fwd_o",
            "gated_delta_bwd_dv_local", "gated_delta_bwd_dh", "gated_delta_bwd_dqkw",
-           "gated_delta_bwd_wy")
+           "gated_delta_bwd_wy", "gated_delta_bwd_dqdk")
 F32 = jnp.float32
 
 
 def config(dtype: str, K: int, V: int) -> dict:
-    """Tile sizes and launch options for padded sizes K, V: BK / BV tile the chunk-parallel
-    kernels; BS is the V tile of the sequential kernels, whose state [K, BS] stays in
-    registers (K whole), so it shrinks as K grows."""
-    bk, bv = min(K, 64), min(V, 64)
-    bs = min(V, 64 if K <= 64 else 32)
-    return dict(BK=bk, BV=bv, BS=bs, warps=4, state_warps=4 if K <= 128 else 8, stages=2)
+    """Tile sizes and launch options for padded sizes K, V. BK / BV tile the chunk-parallel
+    kernels (64 at most); BS is the V tile of the two sequential kernels, whose state [K, BS]
+    stays in registers (K whole), so it shrinks as K grows, and their loop over chunks is
+    double-buffered only while its [C, K] tiles (q, k, w) are small (bf16 K <= 128, f32 K <= 64):
+    one stage keeps K = 256 under sm_80's 163 KB. gated_delta_bwd_wy holds several C×C float32
+    matrices at once: 8 warps keep it out of spills."""
+    item = jnp.dtype(dtype).itemsize
+    return dict(BK=min(K, 64), BV=min(V, 64), BS=min(V, 64 if K <= 64 else 32), warps=4,
+                state_warps=4 if K <= 128 else 8, wy_warps=8, stages=2,
+                state_stages=2 if K * item <= 256 else 1)
 
 
 def _sds(shape, dtype):
@@ -94,7 +101,7 @@ def _forward(q, k, v, G, beta, docs, carry, tail, s0, scale, interpret):
                                         _sds((B * HV, K, V), F32)],
                              grid=(V // cf["BS"], B * HV), name="gated_delta_fwd_h",
                              interpret=interpret, num_warps=cf["state_warps"],
-                             num_stages=cf["stages"], NC=NC, BV=cf["BS"], **dims)
+                             num_stages=cf["state_stages"], NC=NC, BV=cf["BS"], **dims)
     (o,) = launch(tk.gated_delta_fwd_o, q, k, v_new, h, *masks,
                   out_shape=[_sds(v.shape, dt)], grid=(V // cf["BV"], NC, B * HV),
                   name="gated_delta_fwd_o", **common, NC=NC, BK=cf["BK"], BV=cf["BV"],
@@ -123,17 +130,22 @@ def _backward(q, k, v, G, beta, docs, carry, tail, res, do, dfinal, scale, inter
                                     _sds((B * HV, K, V), F32)],
                          grid=(V // cf["BS"], B * HV), name="gated_delta_bwd_dh",
                          interpret=interpret, num_warps=cf["state_warps"],
-                         num_stages=cf["stages"], NC=NC, BV=cf["BS"], scale=scale, **dims)
+                         num_stages=cf["state_stages"], NC=NC, BV=cf["BS"], scale=scale, **dims)
     dqg, dkg, dw = launch(tk.gated_delta_bwd_dqkw, do, v_new, dd, h, dh,
                           out_shape=[_sds(q.shape, F32)] * 3, grid=(K // cf["BK"], NC, B * HV),
                           name="gated_delta_bwd_dqkw", **common, NC=NC, BK=cf["BK"],
                           BV=cf["BV"], **dims)
-    dq, dk, dv, dbeta, dG = launch(
+    sq = _sds((B, Tp, HV, C), F32)
+    dv, dbeta, dG, dkk, dqk = launch(
         tk.gated_delta_bwd_wy, q, k, v, beta, *masks, t, v_new, do, dd, h, dh, dqg, dkg, dw,
-        out_shape=[_sds(q.shape, F32), _sds(q.shape, F32), _sds(v.shape, F32),
-                   _sds(beta.shape, F32), _sds(beta.shape, F32)],
-        grid=(NC, B * HV), name="gated_delta_bwd_wy", **common, NC=NC, BK=cf["BK"],
-        BV=cf["BV"], scale=scale, **dims)
+        out_shape=[_sds(v.shape, F32), _sds(beta.shape, F32), _sds(beta.shape, F32), sq, sq],
+        grid=(NC, B * HV), name="gated_delta_bwd_wy", interpret=interpret,
+        num_warps=cf["wy_warps"], num_stages=cf["stages"], NC=NC, BK=cf["BK"], BV=cf["BV"],
+        scale=scale, **dims)
+    dq, dk = launch(tk.gated_delta_bwd_dqdk, q, k, beta, *masks, t, dkk, dqk, dqg, dkg, dw,
+                    out_shape=[_sds(q.shape, F32)] * 2, grid=(K // cf["BK"], NC, B * HV),
+                    name="gated_delta_bwd_dqdk", **common, BK=cf["BK"], scale=scale,
+                    HV=HV, Tp=Tp, K=K, C=C)
     return dq, dk, dv, dG, dbeta, ds0
 
 
@@ -183,13 +195,13 @@ def gated_delta_rule_triton(q, k, v, g, beta, *, scale=None, initial_state=None,
     # G: the cumulative log decay within each chunk (its transpose is the backward's dG -> dg)
     G = jnp.cumsum(g.reshape(B, Tp // CHUNK, CHUNK, HV), axis=2).reshape(B, Tp, HV)
     if docs is None:
-        docs = jnp.zeros((B, Tp), jnp.int32)
+        docs = jnp.zeros((B, Tp), F32)
         carry = tail = jnp.ones((B, Tp), F32)
     else:
         carry = doc_carry(docs, CHUNK)
         chunks = docs.reshape(B, Tp // CHUNK, CHUNK)
         tail = (chunks == chunks[..., -1:]).astype(F32).reshape(B, Tp)
-        docs = docs.astype(jnp.int32)
+        docs = docs.astype(F32)          # exact below 2^24 documents per row (see below)
     s0 = jnp.zeros((B, HV, kp, vp), F32)
     if initial_state is not None:
         s0 = s0.at[:, :, :K, :V].set(initial_state.astype(F32))
@@ -210,16 +222,15 @@ def _request(arrays, static):
 
 
 def _shared_bytes(dtype, sizes):
-    """Shared memory of the largest kernel (gated_delta_bwd_wy): its C×C operands (T, Tᵀ,
-    the score gradients) and, per pipeline stage, the [C, BK] / [C, BV] tiles of one loop step
-    (q, k, dw, dqg, dkg; v, dδ, do, δ) that feed tensor-core dots."""
+    """Shared memory of the largest kernel, an upper bound of what Triton allocates: per
+    pipeline stage, the chunk-parallel kernels stage at most five [C, 64] dot-operand tiles
+    (gated_delta_bwd_dqkw: do, δ, dδ, h, dh; gated_delta_bwd_wy: q, k, dw, dqg, dkg), the
+    sequential ones three [C, K] tiles (q, k, w) of the chunk."""
     item = jnp.dtype(dtype).itemsize
     cf = config(dtype, sizes["K"], sizes["V"])
-    C = CHUNK
-    square = 4 * C * C * item
-    tiles = max(5 * C * cf["BK"], 4 * C * cf["BV"]) * max(item, 4)
-    state = sizes["K"] * cf["BS"] * item + C * sizes["K"] * item * 3     # h kernels: S, w, k, q
-    return max(square + cf["stages"] * tiles, cf["stages"] * state)
+    parallel = cf["stages"] * 5 * CHUNK * 64 * item
+    state = cf["state_stages"] * 3 * CHUNK * sizes["K"] * item
+    return max(parallel, state)
 
 
 def _gate_case(dtype, sizes):

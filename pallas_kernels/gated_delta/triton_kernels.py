@@ -7,7 +7,7 @@ bh = b·HV + h, t = token, c = chunk of C = 64 tokens, NC chunks, Tp = NC·C):
                 v, u, v_new, do, dv_local, dd   [B, Tp, HV, V]
                 T (= (I + A)^{-1}), A scratch   [B, Tp, HV, C]   (row i of a chunk's C×C matrix)
                 G (chunk-local cumsum of g), β, dG, dβ   [B, Tp, HV]
-                docs (int32), carry, tail       [B, Tp]          (shared by the heads of a row)
+                docs, carry, tail (float32)     [B, Tp]          (shared by the heads of a row)
     per chunk   h (state entering chunk c), dh (∂L/∂ state leaving chunk c)   [B·HV, NC, K, V]
     per row     s0, final, dfinal, ds0          [B·HV, K, V]
 
@@ -27,7 +27,7 @@ import triton.language as tl
 
 __all__ = ["gated_delta_fwd_wy", "gated_delta_fwd_h", "gated_delta_fwd_o",
            "gated_delta_bwd_dv_local", "gated_delta_bwd_dh", "gated_delta_bwd_dqkw",
-           "gated_delta_bwd_wy"]
+           "gated_delta_bwd_wy", "gated_delta_bwd_dqdk"]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -320,17 +320,17 @@ def gated_delta_bwd_dqkw(do_ptr, vnew_ptr, dd_ptr, h_ptr, dh_ptr,
 @triton.jit
 def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr, tail_ptr,
                        t_ptr, vnew_ptr, do_ptr, dd_ptr, h_ptr, dh_ptr, dqg_ptr, dkg_ptr, dw_ptr,
-                       dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
+                       dv_ptr, dbeta_ptr, dg_ptr, dkk_ptr, dqk_ptr,
                        HV: tl.constexpr, Tp: tl.constexpr, NC: tl.constexpr, K: tl.constexpr,
                        V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        scale: tl.constexpr):
     """Grid (NC, B·HV): the backward through the chunk's factors (the math of
-    ``chunked._prepare_bwd``), every K and V reduction owned here.
+    ``chunked._prepare_bwd``), every K and V reduction owned here; dq, dk follow in
+    :func:`gated_delta_bwd_dqdk` from the score gradients dkk, dqk stored here (f32 [C, C]).
 
     w = T bk, u = T bv (bk = β γ k, bv = β v):  dT = dw bkᵀ + du bvᵀ,  dbk = Tᵀ dw,
     dbv = Tᵀ du (du = dδ),  dA = −Tᵀ dT Tᵀ;  dP = do δᵀ;  dm = β_i dA ⊙ strict;
-    dkk = dm ⊙ decay;  dqk = scale dP ⊙ decay;  ddecay = dm ⊙ kkᵀ + scale dP ⊙ qkᵀ;
-    dq = dqk k + scale γ dqg;  dk = dkk k + dkkᵀ k + dqkᵀ q + β γ dbk + γo dkg;  dv = β dbv;
+    dkk = dm ⊙ decay;  dqk = scale dP ⊙ decay;  ddecay = dm ⊙ kkᵀ + scale dP ⊙ qkᵀ;  dv = β dbv;
     dβ_i = Σ_j dA ⊙ kk ⊙ decay ⊙ strict + γ (dbk·k) + dbv·v;
     dG_i = Σ_j (ddecay ⊙ decay)_ij − Σ_j (ddecay ⊙ decay)_ji + γ dγ − γo dγo (+ the last row's
     share: Σ γo dγo + λ dλ, dλ = Σ h_c ⊙ dh_c),  dγ = β (dbk·k) + scale dqg·q,  dγo = dkg·k.
@@ -342,17 +342,30 @@ def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr
     DT = q_ptr.dtype.element_ty
     f32 = tl.float32
     r = tl.arange(0, C)
+    beta = tl.load(beta_ptr + (b * Tp + c * C + r) * HV + hh)
+    t_base = t_ptr + ((b * Tp + c * C) * HV + hh) * C
+    tt = tl.trans(tl.load(t_base + r[:, None] * (HV * C) + r[None, :]))   # Tᵀ [C, C] DT
+    # V pass: dT's bv share, dP, dv, dbv·v
+    dt = tl.zeros((C, C), f32)
+    dp = tl.zeros((C, C), f32)
+    s_bv = tl.zeros((C,), f32)
+    for vt in range(V // BV):
+        vb = tl.load(_tile(v_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
+        du = tl.load(_tile(dd_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
+        do = tl.load(_tile(do_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
+        dl = tl.load(_tile(vnew_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
+        vf = vb.to(f32)
+        bv = (vf * beta[:, None]).to(DT)
+        dt += tl.dot(du.to(DT), tl.trans(bv))
+        dp += tl.dot(do, tl.trans(dl))
+        dbv = tl.dot(tt, du.to(DT))
+        tl.store(_tile(dv_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV), dbv * beta[:, None])
+        s_bv += tl.sum(dbv * vf, axis=1)
+    # K pass: kk, qk, dT's bk share, dbk·k, dqg·q, dkg·k
     G, decay, gamma, gamma_o, lam = _masks(g_ptr, docs_ptr, carry_ptr, tail_ptr, b, hh, c,
                                            HV, C, Tp)
-    beta = tl.load(beta_ptr + (b * Tp + c * C + r) * HV + hh)
-    strict = r[:, None] > r[None, :]
-    t_base = t_ptr + ((b * Tp + c * C) * HV + hh) * C
-    t = tl.load(t_base + r[:, None] * (HV * C) + r[None, :])            # [C, C] DT
-    tt = tl.trans(t)
-    # K pass 1: kk, qk, dT's bk share, dbk·k, dqg·q, dkg·k
     kk = tl.zeros((C, C), f32)
     qk = tl.zeros((C, C), f32)
-    dt = tl.zeros((C, C), f32)
     s_bk = tl.zeros((C,), f32)
     s_qg = tl.zeros((C,), f32)
     s_kg = tl.zeros((C,), f32)
@@ -371,21 +384,6 @@ def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr
         s_bk += tl.sum(dbk * kf, axis=1)
         s_qg += tl.sum(dqg * qb.to(f32), axis=1)
         s_kg += tl.sum(dkg * kf, axis=1)
-    # V pass: dT's bv share, dP, dv, dbv·v
-    dp = tl.zeros((C, C), f32)
-    s_bv = tl.zeros((C,), f32)
-    for vt in range(V // BV):
-        vb = tl.load(_tile(v_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        du = tl.load(_tile(dd_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        do = tl.load(_tile(do_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        dl = tl.load(_tile(vnew_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        vf = vb.to(f32)
-        bv = (vf * beta[:, None]).to(DT)
-        dt += tl.dot(du.to(DT), tl.trans(bv))
-        dp += tl.dot(do, tl.trans(dl))
-        dbv = tl.dot(tt, du.to(DT))
-        tl.store(_tile(dv_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV), dbv * beta[:, None])
-        s_bv += tl.sum(dbv * vf, axis=1)
     # dλ = Σ h_c ⊙ dh_c over the whole state
     hdh = tl.zeros((BK, BV), f32)
     for kt in range(K // BK):
@@ -395,32 +393,52 @@ def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr
             hdh += hb.to(f32) * dhb.to(f32)
     dlam = tl.sum(tl.sum(hdh, axis=1), axis=0)
     da = -tl.dot(tl.dot(tt, dt.to(DT)).to(DT), tt)                        # −Tᵀ dT Tᵀ
-    kkd = tl.where(strict, kk * decay, 0.0)
+    strict = r[:, None] > r[None, :]
     dm = tl.where(strict, beta[:, None] * da, 0.0)
-    dkk = dm * decay
+    dbeta = tl.sum(tl.where(strict, da * kk * decay, 0.0), axis=1) + gamma * s_bk + s_bv
     dqk = scale * dp * decay
-    ddecay = (dm * kk + scale * dp * qk) * decay
-    dbeta = tl.sum(da * kkd, axis=1) + gamma * s_bk + s_bv
+    ddecay = dm * kk * decay + dqk * qk
     dgamma = beta * s_bk + scale * s_qg
     dG = tl.sum(ddecay, axis=1) - tl.sum(ddecay, axis=0) + dgamma * gamma - s_kg * gamma_o
     d_last = tl.sum(s_kg * gamma_o, axis=0) + dlam * lam
     dG += tl.where(r == C - 1, d_last, 0.0)
     tl.store(dbeta_ptr + (b * Tp + c * C + r) * HV + hh, dbeta)
     tl.store(dg_ptr + (b * Tp + c * C + r) * HV + hh, dG)
-    # K pass 2: dq, dk
-    dkk_d = dkk.to(DT)
-    dkkt = tl.trans(dkk).to(DT)
-    dqk_d = dqk.to(DT)
-    dqkt = tl.trans(dqk).to(DT)
-    for kt in range(K // BK):
-        qb = tl.load(_tile(q_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
-        kb = tl.load(_tile(k_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
-        dw = tl.load(_tile(dw_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
-        dqg = tl.load(_tile(dqg_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
-        dkg = tl.load(_tile(dkg_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
-        dbk = tl.dot(tt, dw.to(DT))
-        dq = tl.dot(dqk_d, kb) + (scale * gamma)[:, None] * dqg
-        dk = (tl.dot(dkk_d, kb) + tl.dot(dkkt, kb) + tl.dot(dqkt, qb)
-              + (beta * gamma)[:, None] * dbk + gamma_o[:, None] * dkg)
-        tl.store(_tile(dq_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK), dq)
-        tl.store(_tile(dk_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK), dk)
+    sq = ((b * Tp + c * C + r[:, None]) * HV + hh) * C + r[None, :]
+    tl.store(dkk_ptr + sq, dm * decay)
+    tl.store(dqk_ptr + sq, dqk)
+
+
+@triton.jit
+def gated_delta_bwd_dqdk(q_ptr, k_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr, tail_ptr, t_ptr,
+                         dkk_ptr, dqk_ptr, dqg_ptr, dkg_ptr, dw_ptr,
+                         dq_ptr, dk_ptr,
+                         HV: tl.constexpr, Tp: tl.constexpr, K: tl.constexpr,
+                         C: tl.constexpr, BK: tl.constexpr, scale: tl.constexpr):
+    """Grid (K / BK, NC, B·HV):  dq = dqk k + scale γ dqg,
+    dk = dkk k + dkkᵀ k + dqkᵀ q + β γ Tᵀ dw + γo dkg  (f32 [C, BK])."""
+    ik = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HV
+    hh = bh % HV
+    DT = q_ptr.dtype.element_ty
+    r = tl.arange(0, C)
+    G, decay, gamma, gamma_o, lam = _masks(g_ptr, docs_ptr, carry_ptr, tail_ptr, b, hh, c,
+                                           HV, C, Tp)
+    beta = tl.load(beta_ptr + (b * Tp + c * C + r) * HV + hh)
+    sq = ((b * Tp + c * C + r[:, None]) * HV + hh) * C + r[None, :]
+    tt = tl.trans(tl.load(t_ptr + sq))                                   # Tᵀ [C, C] DT
+    dkk = tl.load(dkk_ptr + sq)
+    dqk = tl.load(dqk_ptr + sq)
+    qb = tl.load(_tile(q_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    kb = tl.load(_tile(k_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    dw = tl.load(_tile(dw_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    dqg = tl.load(_tile(dqg_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    dkg = tl.load(_tile(dkg_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    dq = tl.dot(dqk.to(DT), kb) + (scale * gamma)[:, None] * dqg
+    dk = (tl.dot(dkk.to(DT), kb) + tl.dot(tl.trans(dkk).to(DT), kb)
+          + tl.dot(tl.trans(dqk).to(DT), qb) + (beta * gamma)[:, None] * tl.dot(tt, dw.to(DT))
+          + gamma_o[:, None] * dkg)
+    tl.store(_tile(dq_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK), dq)
+    tl.store(_tile(dk_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK), dk)
