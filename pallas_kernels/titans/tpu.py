@@ -8,7 +8,8 @@ it, all value columns in one program:
     forward, block c:   E = 2(k M − v);   y = qa M + qc S − pm E
                         M <- a0e M + ce S − kdᵀ E;   S <- p0e S − kpᵀ E
     backward, c = N-1 .. 0 (reverse index maps), (dM, dS) in scratch, (M, S) entering each block
-    from the forward kernel run again with one state per block as extra outputs:
+    from the forward kernel run again with one state pair per grid step as extra outputs
+    (each step's blocks replayed from it, see below):
         dE = −pmᵀ dy − kd dM − kp dS;   dv = −2 dE;   dk = 2 dE Mᵀ
         dqa = dy Mᵀ;  dqc = dy Sᵀ;  dpm = −dy Eᵀ;  dkd = −E dMᵀ;  dkp = −E dSᵀ
         da0e = Σ M ⊙ dM;   dce = Σ S ⊙ dM;   dp0e = Σ S ⊙ dS
@@ -18,15 +19,16 @@ it, all value columns in one program:
 Layout. The gradient block b (``block_size``, a multiple of 8 sublanes) is fixed by the math and
 usually small (16), far below the MXU's 128 (v5e) / 256 (v6e) rows, so one grid step runs G
 consecutive blocks (``blocks_per_step``: G = ``ROWS`` // b, 128 rows by default, ``rows=256``
-for v6e), unrolled in the kernel with (M, S) carried as values between them: the per-step
+for v6e), a ``fori_loop`` in the kernel with (M, S) carried as values between them: the per-step
 overhead and the HBM round trips are paid once per G·b rows. The number of blocks N is padded
 to a multiple of G with identity blocks (zero factors, a0e = p0e = 1, ce = 0: M and S pass
 through unchanged, exact); "M entering the last block" is taken at the last real block.
 Per-token arrays are [BH, N/G, G·b, D] (block j of a step = rows j·b .. j·b + b − 1, a static
 sublane slice); the per-block [b, b] / [D, b] / [K, V] arrays are [BH, N/G, G, r, c] (block j =
-leading index j). Features are zero-padded to multiples of 128 (lane width). Operands that would
-need a transposed left-hand side (kdᵀ, kpᵀ, pmᵀ, qaᵀ, qcᵀ, kᵀ) are transposed in XLA and passed
-in, so the kernels only use plain (A·B) and A·Bᵀ matmuls.
+leading index j). Features are zero-padded to multiples of 128 (lane width). The products with
+a transposed left-hand side (kdᵀE, kpᵀE, pmᵀdy, qaᵀdy, qcᵀdy, kᵀdE) contract the rows of the
+[b, D] blocks directly (a dot_general over dim 0, as simple_gla's kernels do): transposed [D, b]
+copies would put b on the lanes, padded to 128 (8x the VMEM and HBM traffic at b = 16).
 
 Per-block scalars (a0e, ce, p0e) are lane-dense: all N values of a head as one [1, N] row of a
 [BH, 1, N] array, resident across the grid's block axis (one (8, N) tile read once per head
@@ -38,8 +40,10 @@ the kernel boundary and every matmul takes bf16 operands with float32 accumulati
 inputs -> float32 operands at DEFAULT precision (on a TPU one bf16 MXU pass, as XLA does for a
 float32 matmul; exact in interpret mode on CPU). M, S (VMEM scratch), the final states, E, the
 scalars and y stay float32; M, S, E and dE are cast to the operand dtype only as matmul operands;
-the per-block (M, S) saved for the backward are stored in the operand dtype; the factor
-gradients come out in their primals' dtype (float32).
+the forward saves (M, S) once per grid step (float32) and the backward replays each step's
+G block states from them into VMEM scratch (in the operand dtype, matmul operands only), so one
+state pair per step, not per gradient block, goes through HBM; the factor gradients come out in
+their primals' dtype (float32).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -58,7 +63,7 @@ from pallas_kernels.common.tpu_grid import (head_spec, lane_pick, lane_put, lane
 from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 
-__all__ = ["supports", "blocks_per_step", "fwd_call", "bwd_call", "recurrence", "vmem_bytes",
+__all__ = ["supports", "blocks_per_step", "fit_rows", "fwd_call", "bwd_call", "recurrence", "vmem_bytes",
            "tpu_supports", "titans_linear_tpu", "ROWS", "ROWS_V6E", "VMEM_LIMIT"]
 
 LANE = 128
@@ -95,7 +100,7 @@ def _grp(g, rows, cols, reverse=False, n=None):
 
 
 # --------------------------------------------------------------------------- forward kernel
-def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kdt_ref, kpt_ref, a0e_ref, ce_ref, p0e_ref,
+def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, ce_ref, p0e_ref,
                 m0_ref, s0_ref, y_ref, m_out, s_out, mlast_out, *rest, with_states, n_steps,
                 n_real, group, b):
     if with_states:
@@ -111,14 +116,16 @@ def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kdt_ref, kpt_ref, a0e_ref,
 
     op, f32 = qa_ref.dtype, jnp.float32
     a0e_row, ce_row, p0e_row = a0e_ref[...], ce_ref[...], p0e_ref[...]
-    m, s = m_ref[...], s_ref[...]                                         # [K, V] f32
-    for j in range(group):                                               # block i = c·G + j
+
+    if with_states:                                                      # (M, S) entering
+        ms_ref[...] = m_ref[...]                                         # the step, float32
+        ss_ref[...] = s_ref[...]
+
+    def block(j, carry):                                                 # block i = c·G + j
+        m, s = carry                                                     # [K, V] f32
         i = c * group + j
-        rows = slice(j * b, (j + 1) * b)
+        rows = pl.ds(pl.multiple_of(j * b, 8), b)
         m_op, s_op = m.astype(op), s.astype(op)
-        if with_states:
-            ms_ref[j] = m_op.astype(ms_ref.dtype)
-            ss_ref[j] = s_op.astype(ss_ref.dtype)
         e = 2.0 * (mxu_dot(k_ref[rows, :], m_op) - v_ref[rows, :].astype(f32))   # [b, V]
         e_op = e.astype(op)
         y = (mxu_dot(qa_ref[rows, :], m_op) + mxu_dot(qc_ref[rows, :], s_op)
@@ -126,13 +133,15 @@ def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kdt_ref, kpt_ref, a0e_ref,
         y_ref[rows, :] = y.astype(y_ref.dtype)
 
         @pl.when(i == n_real - 1)                                        # the last real block
-        def _(m=m):
+        def _():
             mlast_out[...] = m
 
         m_new = (lane_pick(a0e_row, i) * m + lane_pick(ce_row, i) * s
-                 - mxu_dot(kdt_ref[j], e_op))
-        s = lane_pick(p0e_row, i) * s - mxu_dot(kpt_ref[j], e_op)
-        m = m_new
+                 - mxu_dot(kd_ref[rows, :], e_op, ta=True))
+        s_new = lane_pick(p0e_row, i) * s - mxu_dot(kp_ref[rows, :], e_op, ta=True)
+        return m_new, s_new
+
+    m, s = lax.fori_loop(0, group, block, (m_ref[...], s_ref[...]))
     m_ref[...] = m
     s_ref[...] = s
 
@@ -142,13 +151,13 @@ def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kdt_ref, kpt_ref, a0e_ref,
         s_out[...] = s
 
 
-def fwd_call(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0, *, n_real=None,
+def fwd_call(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, *, n_real=None,
              with_states=False, interpret=False):
-    """Per-token qa, qc, k: [BH, NS, G·b, K]; v: [BH, NS, G·b, V]; per-block pm: [BH, NS, G, b, b],
-    kdt, kpt: [BH, NS, G, K, b] (all in the operand dtype); a0e, ce, p0e: [BH, 1, NS·G] float32;
+    """Per-token qa, qc, k, kd, kp: [BH, NS, G·b, K]; v: [BH, NS, G·b, V]; per-block pm:
+    [BH, NS, G, b, b] (all in the operand dtype); a0e, ce, p0e: [BH, 1, NS·G] float32;
     m0, s0: [BH, K, V] float32; ``n_real`` <= NS·G real blocks (the rest identity padding).
     Returns (y [BH, NS, G·b, V] float32, M, S, M entering block n_real - 1 [BH, K, V]) and, with
-    ``with_states``, (M, S) entering every block [BH, NS, G, K, V] each in the operand dtype."""
+    ``with_states``, (M, S) entering every grid step [BH, NS, K, V] each, float32."""
     BH, NS, R, K = qa.shape
     G, b = pm.shape[2], pm.shape[3]
     V = v.shape[-1]
@@ -158,26 +167,25 @@ def fwd_call(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0, *, n_real=None,
     out_shape = [sds((BH, NS, R, V), f32)] + [sds((BH, K, V), f32)] * 3
     out_specs = [_tok(R, V)] + [head_spec(K, V)] * 3
     if with_states:
-        out_shape += [sds((BH, NS, G, K, V), op)] * 2
-        out_specs += [_grp(G, K, V)] * 2
+        out_shape += [sds((BH, NS, K, V), f32)] * 2
+        out_specs += [_tok(K, V)] * 2
     row = lane_row_spec(NS * G)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, with_states=with_states, n_steps=NS, n_real=n_real,
                           group=G, b=b),
         grid=(BH, NS), out_shape=out_shape, out_specs=out_specs,
-        in_specs=[_tok(R, K), _tok(R, K), _tok(R, K), _tok(R, V), _grp(G, b, b),
-                  _grp(G, K, b), _grp(G, K, b), row, row, row, head_spec(K, V),
-                  head_spec(K, V)],
+        in_specs=[_tok(R, K), _tok(R, K), _tok(R, K), _tok(R, V), _grp(G, b, b), _tok(R, K),
+                  _tok(R, K), row, row, row, head_spec(K, V), head_spec(K, V)],
         scratch_shapes=[pltpu.VMEM((K, V), f32)] * 2,
         compiler_params=sequential_params(), interpret=interpret, name="titans_linear_fwd_tpu",
-    )(qa, qc, k, v, pm, kdt, kpt, a0e, ce, p0e, m0, s0)
+    )(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0)
 
 
 # --------------------------------------------------------------------------- backward kernel
-def _bwd_kernel(qat_ref, qct_ref, k_ref, kt_ref, v_ref, pmt_ref, kd_ref, kp_ref, a0e_ref, ce_ref,
-                p0e_ref, ms_ref, ss_ref, dy_ref, dmf_ref, dsf_ref, dmlast_ref,
-                dqa_ref, dqc_ref, dk_ref, dv_ref, dpm_ref, dkd_ref, dkp_ref, da0e_ref, dce_ref,
-                dp0e_ref, dm0_ref, ds0_ref, dm_ref, ds_ref, *, n_steps, n_real, group, b):
+def _bwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, ce_ref,
+                p0e_ref, ms_ref, ss_ref, dy_ref, dmf_ref, dsf_ref, dmlast_ref, dqa_ref, dqc_ref, dk_ref, dv_ref, dpm_ref, dkd_ref, dkp_ref, da0e_ref,
+                dce_ref, dp0e_ref, dm0_ref, ds0_ref, dm_ref, ds_ref, mb_ref, sb_ref, *, n_steps,
+                n_real, group, b):
     t = pl.program_id(1)                       # step c = NS-1-t, its blocks in reverse
 
     @pl.when(t == 0)
@@ -191,16 +199,32 @@ def _bwd_kernel(qat_ref, qct_ref, k_ref, kt_ref, v_ref, pmt_ref, kd_ref, kp_ref,
     total = lambda x: jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
     a0e_row, ce_row, p0e_row = a0e_ref[...], ce_ref[...], p0e_ref[...]
     c = n_steps - 1 - t
-    dm, ds = dm_ref[...], ds_ref[...]                                     # leaving the block
-    for j in reversed(range(group)):
+
+    def replay(j, carry):                     # (M, S) entering each block of the step, again
+        m, s = carry
         i = c * group + j
-        rows = slice(j * b, (j + 1) * b)
-        m, s = ms_ref[j].astype(op), ss_ref[j].astype(op)                 # entering block i
+        rows = pl.ds(pl.multiple_of(j * b, 8), b)
+        m_op = m.astype(op)
+        mb_ref[j] = m_op
+        sb_ref[j] = s.astype(op)
+        e_op = (2.0 * (mxu_dot(k_ref[rows, :], m_op) - v_ref[rows, :].astype(f32))).astype(op)
+        m_new = (lane_pick(a0e_row, i) * m + lane_pick(ce_row, i) * s
+                 - mxu_dot(kd_ref[rows, :], e_op, ta=True))
+        return m_new, lane_pick(p0e_row, i) * s - mxu_dot(kp_ref[rows, :], e_op, ta=True)
+
+    lax.fori_loop(0, group, replay, (ms_ref[...], ss_ref[...]))
+
+    def block(jj, carry):                                                # blocks in reverse
+        dm, ds = carry                                                   # leaving block i
+        j = group - 1 - jj
+        i = c * group + j
+        rows = pl.ds(pl.multiple_of(j * b, 8), b)
+        m, s = mb_ref[j], sb_ref[j]                                       # entering block i
         dm_op, ds_op = dm.astype(op), ds.astype(op)
         e = 2.0 * (mxu_dot(k_ref[rows, :], m) - v_ref[rows, :].astype(f32))      # [b, V]
         e_op = e.astype(op)
         dy = dy_ref[rows, :].astype(op)
-        de = (-mxu_dot(pmt_ref[j], dy) - mxu_dot(kd_ref[rows, :], dm_op)
+        de = (-mxu_dot(pm_ref[j], dy, ta=True) - mxu_dot(kd_ref[rows, :], dm_op)
               - mxu_dot(kp_ref[rows, :], ds_op))
         de_op = de.astype(op)
         dqa_ref[rows, :] = mxu_dot(dy, m, tb=True).astype(dqa_ref.dtype)
@@ -214,11 +238,15 @@ def _bwd_kernel(qat_ref, qct_ref, k_ref, kt_ref, v_ref, pmt_ref, kd_ref, kp_ref,
         lane_put(da0e_ref, i, total(mf * dm))
         lane_put(dce_ref, i, total(sf * dm))
         lane_put(dp0e_ref, i, total(sf * ds))
-        dm_new = (mxu_dot(qat_ref[j], dy) + lane_pick(a0e_row, i) * dm
-                  + 2.0 * mxu_dot(kt_ref[j], de_op))
-        ds = mxu_dot(qct_ref[j], dy) + lane_pick(ce_row, i) * dm + lane_pick(p0e_row, i) * ds
+        dm_new = (mxu_dot(qa_ref[rows, :], dy, ta=True) + lane_pick(a0e_row, i) * dm
+                  + 2.0 * mxu_dot(k_ref[rows, :], de_op, ta=True))
+        ds_new = (mxu_dot(qc_ref[rows, :], dy, ta=True) + lane_pick(ce_row, i) * dm
+                  + lane_pick(p0e_row, i) * ds)
         # M entering the last real block is also an output: its cotangent joins here.
-        dm = dm_new + jnp.where(i == n_real - 1, 1.0, 0.0) * dmlast_ref[...]
+        dm_new = dm_new + jnp.where(i == n_real - 1, 1.0, 0.0) * dmlast_ref[...]
+        return dm_new, ds_new
+
+    dm, ds = lax.fori_loop(0, group, block, (dm_ref[...], ds_ref[...]))
     dm_ref[...] = dm
     ds_ref[...] = ds
 
@@ -228,14 +256,16 @@ def _bwd_kernel(qat_ref, qct_ref, k_ref, kt_ref, v_ref, pmt_ref, kd_ref, kp_ref,
         ds0_ref[...] = ds
 
 
-def bwd_call(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast, *,
+def bwd_call(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast, *,
              n_real=None, grad_dtypes=None, interpret=False):
-    """Backward of :func:`fwd_call` with the transposed operands qat, qct, kt [BH, NS, G, K, b],
-    pmt [BH, NS, G, b, b] and kd, kp [BH, NS, G·b, K]. Returns the cotangents of
+    """Backward of :func:`fwd_call`: its inputs (less m0, s0), (M, S) entering each step (ms, ss
+    [BH, NS, K, V] float32; each step replays its G blocks' states from them into VMEM scratch,
+    so only one state pair per step goes through HBM), dy [BH, NS, G·b, V] and the cotangents of
+    (M, S, M entering the last real block) [BH, K, V]. Returns the cotangents of
     (qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0) shaped like their primals, the first seven
     in ``grad_dtypes`` (default float32), the rest float32."""
     BH, NS, R, K = k.shape
-    G, b = pmt.shape[2], pmt.shape[3]
+    G, b = pm.shape[2], pm.shape[3]
     V = v.shape[-1]
     n_real = NS * G if n_real is None else n_real
     f32 = jnp.float32
@@ -246,8 +276,8 @@ def bwd_call(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf
     sds = jax.ShapeDtypeStruct
     return tuple(pl.pallas_call(
         functools.partial(_bwd_kernel, n_steps=NS, n_real=n_real, group=G, b=b), grid=(BH, NS),
-        in_specs=[grp(K, b), grp(K, b), tok(R, K), grp(K, b), tok(R, V), grp(b, b), tok(R, K),
-                  tok(R, K), row, row, row, grp(K, V), grp(K, V), tok(R, V), head, head, head],
+        in_specs=[tok(R, K), tok(R, K), tok(R, K), tok(R, V), grp(b, b), tok(R, K), tok(R, K),
+                  row, row, row, tok(K, V), tok(K, V), tok(R, V), head, head, head],
         out_specs=[tok(R, K), tok(R, K), tok(R, K), tok(R, V), grp(b, b), tok(R, K), tok(R, K),
                    row, row, row, head, head],
         out_shape=[sds((BH, NS, R, K), gd[0]), sds((BH, NS, R, K), gd[1]),
@@ -255,9 +285,9 @@ def bwd_call(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf
                    sds((BH, NS, G, b, b), gd[4]), sds((BH, NS, R, K), gd[5]),
                    sds((BH, NS, R, K), gd[6])]
         + [sds((BH, 1, NS * G), f32)] * 3 + [sds((BH, K, V), f32)] * 2,
-        scratch_shapes=[pltpu.VMEM((K, V), f32)] * 2,
+        scratch_shapes=[pltpu.VMEM((K, V), f32)] * 2 + [pltpu.VMEM((G, K, V), k.dtype)] * 2,
         compiler_params=sequential_params(), interpret=interpret, name="titans_linear_bwd_tpu",
-    )(qat, qct, k, kt, v, pmt, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast))
+    )(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast))
 
 
 def vmem_bytes(kernel, rows, b, K, V, dtype=jnp.float32, n_blocks=256):
@@ -271,14 +301,15 @@ def vmem_bytes(kernel, rows, b, K, V, dtype=jnp.float32, n_blocks=256):
     tok = lambda d, dt=op: sds((1, NS, G * b, d), dt)
     grp = lambda r, c, dt=op: sds((1, NS, G, r, c), dt)
     row, head = sds((1, 1, NS * G), f32), sds((1, K, V), f32)
+    step = sds((1, NS, K, V), f32)
     if kernel == "fwd":
         fn = functools.partial(fwd_call, with_states=True)
-        args = (tok(K), tok(K), tok(K), tok(V), grp(b, b), grp(K, b), grp(K, b), row, row, row,
+        args = (tok(K), tok(K), tok(K), tok(V), grp(b, b), tok(K), tok(K), row, row, row,
                 head, head)
     elif kernel == "bwd":
         fn = bwd_call
-        args = (grp(K, b), grp(K, b), tok(K), grp(K, b), tok(V), grp(b, b), tok(K), tok(K), row,
-                row, row, grp(K, V), grp(K, V), tok(V, f32), head, head, head)
+        args = (tok(K), tok(K), tok(K), tok(V), grp(b, b), tok(K), tok(K), row, row, row,
+                step, step, tok(V, f32), head, head, head)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
     temps = 6 * b * max(K, V, 128) * 4 + 6 * K * V * 4
@@ -301,11 +332,18 @@ def tpu_supports(dtype, K, V, chunk=ROWS, block_size=16):
     return None
 
 
+def fit_rows(dtype, K, V, rows, block_size):
+    """The largest of rows, rows/2, ... (>= one gradient block) at which both kernels fit
+    ``VMEM_LIMIT`` (128 rows always fit up to K = V = 256; 256 rows at K = V = 256 in float32
+    do not: the backward's replayed block states alone are 2 x 4 MiB)."""
+    if rows <= ROWS and K * V <= 256 * 256:
+        return rows                                    # within the tested table: no trace
+    while rows // 2 >= block_size and tpu_supports(dtype, K, V, rows, block_size) is not None:
+        rows //= 2
+    return rows
+
+
 # --------------------------------------------------------------------------- custom VJP
-def _tr(x):
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _tok_layout(x, g):
     """[BH, N, b, D] -> [BH, N/G, G·b, D] (free)."""
     bh, n, b, d = x.shape
@@ -343,7 +381,7 @@ def _recurrence_fwd(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, group, n_rea
 def _fwd(inputs, g, n_real, interpret, with_states):
     qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0 = inputs
     tok, grp = (lambda x: _tok_layout(x, g)), (lambda x: _grp_layout(x, g))
-    return fwd_call(tok(qa), tok(qc), tok(k), tok(v), grp(pm), grp(_tr(kd)), grp(_tr(kp)), a0e,
+    return fwd_call(tok(qa), tok(qc), tok(k), tok(v), grp(pm), tok(kd), tok(kp), a0e,
                     ce, p0e, m0, s0, n_real=n_real, with_states=with_states,
                     interpret=interpret)
 
@@ -355,9 +393,8 @@ def _recurrence_bwd(g, n_real, op, interpret, res, cts):
     _, _, _, _, ms, ss = _fwd(inputs, g, n_real, interpret, with_states=True)
     tok, grp = (lambda x: _tok_layout(x, g)), (lambda x: _grp_layout(x, g))
     f32 = jnp.float32
-    grads = bwd_call(grp(_tr(qa)), grp(_tr(qc)), tok(k), grp(_tr(k)), tok(v), grp(_tr(pm)),
-                     tok(kd), tok(kp), a0e, ce, p0e, ms, ss, dy.astype(f32),
-                     dmf.astype(f32), dsf.astype(f32), dmlast.astype(f32), n_real=n_real,
+    grads = bwd_call(tok(qa), tok(qc), tok(k), tok(v), grp(pm), tok(kd), tok(kp), a0e, ce, p0e,
+                     ms, ss, dy.astype(f32), dmf.astype(f32), dsf.astype(f32), dmlast.astype(f32), n_real=n_real,
                      grad_dtypes=tuple(t.dtype for t in tags), interpret=interpret)
     dqa, dqc, dk, dv, dpm, dkd, dkp = (x.reshape(p.shape) for x, p in zip(grads[:7], inputs))
     return (dqa, dqc, dk, dv, dpm, dkd, dkp) + tuple(grads[7:])
@@ -367,13 +404,18 @@ recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def titans_linear_tpu(q, k, v, theta, eta, alpha, state0: TitansState, *, block_size: int,
-                      interpret=False, rows=ROWS) -> tuple[jax.Array, TitansState]:
+                      interpret=False, rows=None) -> tuple[jax.Array, TitansState]:
     """Linear-memory Titans through the Mosaic TPU kernels: no packing, a fresh state (pos 0).
-    Shapes as in ``gpu.titans_linear_triton``; ``rows``: token rows per grid step (``ROWS`` =
-    128 for v5e, ``ROWS_V6E`` = 256 for v6e), rounded down to whole gradient blocks."""
+    Shapes as in ``gpu.titans_linear_triton``; ``rows``: token rows per grid step (None: the
+    module's ``ROWS`` = 128 for v5e at call time; ``ROWS_V6E`` = 256 for v6e), rounded down to
+    whole gradient blocks."""
+    rows = ROWS if rows is None else int(rows)
+    if rows < block_size:
+        raise ValueError(f"titans_linear_tpu: rows must be >= block_size={block_size}, got {rows}")
     B, _, H, K = q.shape
     kp_, vp_ = -(-K // LANE) * LANE, -(-v.shape[-1] // LANE) * LANE
     op = operand_dtype(q.dtype)
+    rows = fit_rows(q.dtype, kp_, vp_, rows, block_size)
 
     def run(f, m0, s0):
         n = f.a0e.shape[-1]
