@@ -72,13 +72,13 @@ def check(args, segment_ids=None):
 def test_d256_tiled_short_sequence():
     """K = V = 256: four K tiles x four V tiles in the recurrences, four-tile loops in the
     chunk-parallel kernels; T = 20 < one chunk; B·H = 1."""
-    assert tiles(256, 256) == (64, 64)
+    assert tiles("simple_gla_fwd_o", F32, 256, 256) == (64, 64)
     check(inputs(0, B=1, T=20, H=1, HV=1, K=256, V=256))
 
 
 def test_k_neq_v_tile_counts():
     """K = 32 (one tile of 32) against V = 160 (padded to 256: four tiles), grouped heads."""
-    assert tiles(32, 256) == (32, 64)
+    assert tiles("simple_gla_bwd_dv", F32, 32, 256) == (32, 64)
     check(inputs(1, B=1, T=40, H=1, HV=2, K=32, V=160))
 
 

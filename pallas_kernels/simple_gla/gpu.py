@@ -25,8 +25,9 @@ Pipeline (fla's chunk pipeline; kernels in ``triton_kernels.py``):
   ∂L/∂B_t = q_t·dq_t − k_t·dk_t (+ Σ dF∘S_final at the last token) and dg_t = Σ_{u ≥ t} ∂L/∂B_u:
   one reverse cumsum in XLA, from the per-value-head dq, dk before the groups are summed.
 
-Tiles: BK = min(K, 64), BV = min(V, 64) for every kernel, so the shared memory and registers a
-program needs do not grow with K, V (up to 256: K/BK, V/BV loop iterations or grid columns).
+Tiles (:func:`tiles`): BK = min(K, 64), BV = min(V, 64) (bwd_dqdk in float32: 32 x 32), so
+the shared memory and registers a program needs do not grow with K, V (up to 256: K/BK, V/BV
+loop iterations or grid columns).
 ``TABLE`` states the limits (float32/bfloat16, K and V padded to at most 256, sm_80/90/100) and
 the shared-memory estimate the dispatcher checks; Triton is imported only when a kernel runs.
 """
@@ -52,31 +53,41 @@ _F32 = jnp.float32
 _SDS = jax.ShapeDtypeStruct
 
 
-def tiles(kp: int, vp: int) -> tuple[int, int]:
-    """(BK, BV): the feature tiles of every kernel at padded sizes K = kp, V = vp."""
+def tiles(kernel: str, dtype, kp: int, vp: int) -> tuple[int, int]:
+    """(BK, BV) of ``kernel`` at padded sizes K = kp, V = vp: 64 x 64, so a program's shared
+    memory and registers do not grow with K, V; bwd_dqdk in float32 takes 32 x 32 (its three
+    float32 accumulators spilled on sm_80 at 64 x 64 and at 32 x 64, even with 8 warps; 150
+    registers at 32 x 32)."""
+    if kernel == "simple_gla_bwd_dqdk" and jnp.dtype(dtype).itemsize > 2:
+        return min(kp, 32), min(vp, 32)
     return min(kp, 64), min(vp, 64)
 
 
-def _launch_options(kernel: str) -> dict:
-    """num_warps / num_stages per kernel. 4 warps hold two [64, 64] float32 accumulators in
-    registers; bwd_dqdk carries three (dO vᵀ, dO Sᵀ, v Gᵀ) and spilled 1.2 KB on sm_80 in float32
-    with 4 warps (255 registers), so it gets 8."""
-    return dict(num_warps=8 if kernel == "simple_gla_bwd_dqdk" else 4, num_stages=2)
+def _launch_options(kernel: str, dtype) -> dict:
+    """num_warps / num_stages per kernel. The recurrences carry one [BK, BV] float32 state: 4
+    warps. The chunk-parallel kernels carry two or three [64, 64] float32 accumulators; with
+    float32 operands (twice the registers per loaded tile) 4 warps spilled on sm_80 (fwd_o,
+    bwd_dv 8 B, bwd_dqdk up to 1.2 KB at 255 registers), so those get 8; bwd_dqdk gets 8 in
+    bf16 too (three accumulators)."""
+    parallel = kernel in ("simple_gla_fwd_o", "simple_gla_bwd_dv", "simple_gla_bwd_dqdk")
+    wide = jnp.dtype(dtype).itemsize > 2 and parallel
+    return dict(num_warps=8 if wide or kernel == "simple_gla_bwd_dqdk" else 4, num_stages=2)
 
 
 def _launch(name, *inputs, out_shape, grid, interpret, **constexprs):
-    """Kernel ``name`` of ``triton_kernels`` (imported here: Triton only when a kernel runs)."""
+    """Kernel ``name`` of ``triton_kernels`` (imported here: Triton only when a kernel runs) over
+    ``grid(BK, BV)``, its tiles passed as the BK, BV constexprs."""
     from pallas_kernels.simple_gla import triton_kernels
+    dtype = inputs[0].dtype
+    bk, bv = tiles(name, dtype, constexprs["K"], constexprs["V"])
     return triton_call.launch(getattr(triton_kernels, name), *inputs, out_shape=out_shape,
-                              grid=grid, interpret=interpret, name=name,
-                              **_launch_options(name), **constexprs)
+                              grid=grid(bk, bv), interpret=interpret, name=name, BK=bk, BV=bv,
+                              **_launch_options(name, dtype), **constexprs)
 
 
 def _constants(q, v, seg, chunk):
-    """The constexprs every kernel takes: sizes, tiles, HAS_SEG."""
-    t, kp = q.shape[2:]
-    bk, bv = tiles(kp, v.shape[3])
-    return dict(T=t, H=q.shape[1], HV=v.shape[1], K=kp, V=v.shape[3], C=chunk, BK=bk, BV=bv,
+    """The constexprs every kernel takes: sizes, HAS_SEG."""
+    return dict(T=q.shape[2], H=q.shape[1], HV=v.shape[1], K=q.shape[3], V=v.shape[3], C=chunk,
                 HAS_SEG=seg is not None)
 
 
@@ -93,9 +104,9 @@ def _forward(q, k, v, b, seg, s0, scale, interpret, chunk=DEFAULT_CHUNK):
     hs, final = _launch(
         "simple_gla_fwd_h", k, v, b, *_masks(b, seg), s0,
         out_shape=[_SDS((bsz, hv, nt, kp, vp), v.dtype), _SDS((bsz, hv, kp, vp), _F32)],
-        grid=(kp // c["BK"], vp // c["BV"], bhv), interpret=interpret, **c)
+        grid=lambda bk, bv: (kp // bk, vp // bv, bhv), interpret=interpret, **c)
     (o,) = _launch("simple_gla_fwd_o", q, k, v, b, *_masks(b, seg), hs,
-                   out_shape=[_SDS(v.shape, v.dtype)], grid=(vp // c["BV"], nt, bhv),
+                   out_shape=[_SDS(v.shape, v.dtype)], grid=lambda bk, bv: (vp // bv, nt, bhv),
                    interpret=interpret, SCALE=scale, **c)
     return o, final, hs
 
@@ -107,13 +118,13 @@ def _backward(q, k, v, b, seg, hs, do, dfinal, scale, interpret, chunk=DEFAULT_C
     kp, nt, bhv = c["K"], t // chunk, bsz * hv
     dhs, ds0 = _launch("simple_gla_bwd_dh", q, do, b, *_masks(b, seg), dfinal,
                        out_shape=[_SDS(hs.shape, v.dtype), _SDS((bsz, hv, kp, vp), _F32)],
-                       grid=(kp // c["BK"], vp // c["BV"], bhv), interpret=interpret, **c)
+                       grid=lambda bk, bv: (kp // bk, vp // bv, bhv), interpret=interpret, **c)
     (dv,) = _launch("simple_gla_bwd_dv", q, k, do, b, *_masks(b, seg), dhs,
-                    out_shape=[_SDS(v.shape, _F32)], grid=(vp // c["BV"], nt, bhv),
+                    out_shape=[_SDS(v.shape, _F32)], grid=lambda bk, bv: (vp // bv, nt, bhv),
                     interpret=interpret, **c)
     dq, dk = _launch("simple_gla_bwd_dqdk", q, k, v, do, b, *_masks(b, seg), hs, dhs,
-                     out_shape=[_SDS((bsz, hv, t, kp), _F32)] * 2, grid=(kp // c["BK"], nt, bhv),
-                     interpret=interpret, **c)
+                     out_shape=[_SDS((bsz, hv, t, kp), _F32)] * 2,
+                     grid=lambda bk, bv: (kp // bk, nt, bhv), interpret=interpret, **c)
     return dq, dk, dv, ds0
 
 
@@ -190,19 +201,23 @@ def _request(arrays, static):
 
 
 def _shared_bytes(dtype, sizes):
-    """The largest kernel's shared memory: its dot operands, buffered ``num_stages`` deep.
+    """The largest kernel's shared memory: its dot operands, buffered ``num_stages`` deep, plus
+    Triton's small scratch (barriers, layout conversions: up to ~4.4 KB measured).
 
     Triton stages the operands loaded inside a loop: bwd_dqdk holds v, dO [C, BV] and S, G
-    [BK, BV] per stage, fwd_o q, k [C, BK] and S [BK, BV]; the operands after the loop (q, k and
-    the [C, C] scores) reuse those buffers. Measured by the compile gate at K = V = 128:
-    bwd_dqdk 131072 B in float32, 65536 B in bfloat16 (this estimate, exactly)."""
+    [BK, BV] per stage, fwd_o q, k [C, BK] and S [BK, BV], fwd_h k [C, BK] and v [C, BV]; the
+    operands after the loop (q, k and the [C, C] scores) reuse those buffers. Measured by the
+    compile gate at K = V = 128: bwd_dqdk 131072 B in float32 (131120 B on sm_100a), 65536 B
+    in bfloat16."""
     item = jnp.dtype(dtype).itemsize
-    c = DEFAULT_CHUNK
-    bk, bv = tiles(sizes["K"], sizes["V"])
-    stages = _launch_options("simple_gla_bwd_dqdk")["num_stages"]
+    c, kp, vp = DEFAULT_CHUNK, sizes["K"], sizes["V"]
+    stages = _launch_options("simple_gla_bwd_dqdk", dtype)["num_stages"]
+    bk, bv = tiles("simple_gla_bwd_dqdk", dtype, kp, vp)
     dqdk = max(stages * (2 * c * bv + 2 * bk * bv), 2 * c * bk + c * c)
+    bk, bv = tiles("simple_gla_fwd_o", dtype, kp, vp)
     fwd_o = max(stages * (2 * c * bk + bk * bv), c * bv + c * c)
-    return item * max(dqdk, fwd_o)
+    fwd_h = stages * (c * bk + c * bv)
+    return item * max(dqdk, fwd_o, fwd_h) + 8192
 
 
 def _gate_case(dtype, sizes):
