@@ -30,7 +30,10 @@ The reverse recurrence needs no forward state at all (dE depends on dM, dS and d
 4. ``titans_bwd_dk`` (grid N × BH): per block the products above, each reduction over V (and
    the scalars' over K × V) owned by one program, looping over (K, V) tiles.
 
-The forward's residuals are its inputs, the per-block (M, S) and E. Blocks: Triton's
+Rows of E (and dE) are independent given the block's state, so the recurrence kernels take a
+block CS = 16 rows at a time (an inner loop accumulating the state updates): their [CS, K]
+operands stay small in registers and shared memory for any b and K up to 256. The forward's
+residuals are its inputs, the per-block (M, S) and E. Blocks: Triton's
 ``tl.dot`` takes power-of-two tiles of at least 16, so b is a power of two in 16..64
 (``supports``; 64 bounds the [b, K] operands of the recurrence kernels in shared memory); K and
 V are zero-padded to powers of two >= 16, up to 256 (``TABLE``). Dots: input-dtype operands
@@ -66,14 +69,15 @@ def supports(block_size: int) -> bool:
 def _tiles(dtype, K: int, V: int) -> dict:
     """Tile sizes and launch options per kernel for padded (K, V) and the operand dtype.
 
-    The recurrence kernels hold 2 × [K, BV] float32 states in registers: BV shrinks as K grows
-    (2·K·BV / (32·warps) registers per thread). The parallel kernels keep [b, BK] accumulators
-    (five in ``bwd_dk``) and stream [BK, BV] state tiles."""
-    big = K > 128
-    h = dict(BV=min(V, 16 if big else 32), num_warps=8, num_stages=1)
-    o = dict(BK=min(K, 64), BV=min(V, 64), num_warps=4, num_stages=2)
-    dk = dict(BK=min(K, 32 if jnp.dtype(dtype) == jnp.float32 else 64), BV=min(V, 32),
-              num_warps=8, num_stages=2)
+    The recurrence kernels ("h": fwd_h and bwd_dh) hold 2 × [K, BV] float32 states in registers
+    (2·K·BV / (32·warps) registers per thread: BV shrinks as K grows) and take a block CS rows
+    at a time, so their [CS, K] operands stay small. The parallel kernels keep [b, BK]
+    accumulators (five in bwd_dk) and stream [BK, BV] state tiles (``num_stages`` deep)."""
+    f32 = jnp.dtype(dtype) == jnp.float32
+    h = dict(BV=min(V, 16 if K > 128 else 32), CS=16, num_warps=8, num_stages=1)
+    o = dict(BK=min(K, 64), BV=min(V, 32 if f32 else 64), num_warps=4,
+             num_stages=1 if K <= 64 else 2)          # one key tile: nothing to pipeline
+    dk = dict(BK=min(K, 32), BV=min(V, 32), num_warps=8, num_stages=2)
     return {"h": h, "o": o, "dk": dk}
 
 
@@ -190,12 +194,21 @@ def _request(arrays, static):
 
 
 def _shared_bytes(dtype, sizes) -> int:
-    """The largest kernel's shared memory at b = MAX_BLOCK: the recurrence kernels stage the
-    block's three [b, K] operands, the state [K, BV] and E [b, BV] as dot operands."""
-    K, V = sizes["K"], sizes["V"]
+    """An upper estimate of the largest kernel's shared memory at b = C = MAX_BLOCK: every dot
+    operand of one step staged at once (``num_stages`` copies of the streamed ones).
+
+    bwd_dh: 5 [CS, K] + pm [C, CS] + dy [C, BV] + (dM, dS) [K, BV] + 2 [CS, BV] (fwd_h less);
+    fwd_o: stages × (qa, qc [C, BK] + M, S [BK, BV]) + pm [C, C] + E [C, BV];
+    bwd_dk: stages × (dy, E, dv [C, BV] + M, S, dM, dS [BK, BV])."""
+    K, V, C = sizes["K"], sizes["V"], MAX_BLOCK
     item = jnp.dtype(dtype).itemsize
-    bv = _tiles(dtype, K, V)["h"]["BV"]
-    return (3 * MAX_BLOCK * K + K * bv + MAX_BLOCK * bv) * item
+    t = _tiles(dtype, K, V)
+    h, o, dk = t["h"], t["o"], t["dk"]
+    cs, bv = h["CS"], h["BV"]
+    dh = 5 * cs * K + C * cs + C * bv + 2 * K * bv + 2 * cs * bv
+    fo = o["num_stages"] * (2 * C * o["BK"] + 2 * o["BK"] * o["BV"]) + C * C + C * o["BV"]
+    bk = dk["num_stages"] * (3 * C * dk["BV"] + 4 * dk["BK"] * dk["BV"])
+    return max(dh, fo, bk) * item
 
 
 def _gate_case(dtype, sizes):
