@@ -5,7 +5,7 @@ Every numeric case compares the output, the final state and the VJP of q, k, v, 
 initial state (random cotangents on o and the final state) with the token reference: D = 256
 (K and V over four tiles each, B·H = 1, T shorter than one chunk), K != V with different tile
 counts (one K tile, four V tiles), T = three chunks + 1 with documents packed across chunk
-boundaries. Then the kernel table's refusals (K = 512 under an explicit impl="triton"; "auto"
+boundaries, and Mamba-2 SSD through the kernels. Then the kernel table's refusals (K = 512 under an explicit impl="triton"; "auto"
 through ``Op.supported`` under a faked sm_90 / sm_75 capability) and bf16 under the interpreter.
 
 Runs only in the interpreter process (``TRITON_INTERPRET=1``, Python 3.12 venv with triton):
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.common import triton_call
-from pallas_kernels.simple_gla import simple_gla
+from pallas_kernels.simple_gla import simple_gla, ssd
 from pallas_kernels.simple_gla.gpu import DEFAULT_CHUNK, tiles
 from pallas_kernels.simple_gla.ops import OP
 from tests.tolerance import assert_close
@@ -90,6 +90,33 @@ def test_chunks_plus_one_packed():
     ids[1, :DEFAULT_CHUNK], ids[1, DEFAULT_CHUNK:] = 4, 5
     o = check(inputs(2, B=2, T=t, H=1, HV=1, K=16, V=16), jnp.asarray(ids))
     np.testing.assert_array_equal(np.asarray(o[0, t - 9:]), 0.0)
+
+
+def test_ssd_through_triton():
+    """Mamba-2 SSD (grouped B/C heads, scale 1, state transposed at the boundary) on the
+    kernels: output, final state and the gradients of x, dt, B, C against the reference."""
+    rng = np.random.default_rng(5)
+    n = lambda *shape: jnp.asarray(rng.standard_normal(shape), F32)
+    x, dt, a, bm, cm = n(1, 40, 4, 12), n(1, 40, 4) - 1.0, -jnp.exp(n(4)), n(1, 40, 2, 10), \
+        n(1, 40, 2, 10)
+
+    def run_ssd(impl):
+        def f(x, dt, bm, cm):
+            return ssd(x, dt, a, bm, cm, output_final_state=True, impl=impl,
+                       interpret=impl == "triton")
+
+        @jax.jit
+        def go(x, dt, bm, cm):
+            out, vjp = jax.vjp(f, x, dt, bm, cm)
+            return out, vjp(jax.tree.map(jnp.cos, out))
+        return go(x, dt, bm, cm)
+
+    (y, h), grads = run_ssd("triton")
+    (y_ref, h_ref), grads_ref = run_ssd("reference")
+    assert_close(y, y_ref, F32, "out", "y")
+    assert_close(h, h_ref, F32, "out", "final state [B, H, P, N]")
+    for name, a_, e_ in zip(("dx", "ddt", "dB", "dC"), grads, grads_ref):
+        assert_close(a_, e_, F32, "grad", name)
 
 
 def _shapes(K, V, dtype=F32):
