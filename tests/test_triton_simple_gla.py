@@ -5,8 +5,9 @@ Every numeric case compares the output, the final state and the VJP of q, k, v, 
 initial state (random cotangents on o and the final state) with the token reference: D = 256
 (K and V over four tiles each, B·H = 1, T shorter than one chunk), K != V with different tile
 counts (one K tile, four V tiles), T = three chunks + 1 with documents packed across chunk
-boundaries, and Mamba-2 SSD through the kernels. Then the kernel table's refusals (K = 512 under an explicit impl="triton"; "auto"
-through ``Op.supported`` under a faked sm_90 / sm_75 capability) and bf16 under the interpreter.
+boundaries, and Mamba-2 SSD through the kernels. Then the kernel table's refusals (K = 512
+under an explicit impl="triton"; "auto" through ``Op.supported`` under a faked sm_90 / sm_75
+capability) and bf16 under the interpreter.
 
 Runs only in the interpreter process (``TRITON_INTERPRET=1``, Python 3.12 venv with triton):
     TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_simple_gla.py
