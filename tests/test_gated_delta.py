@@ -107,12 +107,16 @@ def test_long_bf16_is_finite():
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
 def test_mosaic_tpu_vmem_per_block(kernel):
-    """Double-buffered blocks + scratch fit a 16 MiB scoped-VMEM budget up to D = 256; the
-    count follows the kernel's block specs (D = 128: fwd ~0.9 MiB, bwd ~1.3 MiB)."""
-    for d in (128, 256):
-        assert gd_tpu.vmem_bytes(kernel, gd_tpu.CHUNK, d, d) <= 16 * 2 ** 20
-    small, big = (gd_tpu.vmem_bytes(kernel, 64, d, d) for d in (128, 256))
-    assert 0.5 * 2 ** 20 < small < big
+    """Double-buffered blocks + scratch + temporaries fit a 16 MiB scoped-VMEM budget (v5e) at
+    chunk 128 and 256, D up to 256, float32 and bfloat16; the count follows the kernel's block
+    specs (chunk 128, D = 128, f32: fwd ~1.4 MiB, bwd ~2.3 MiB) and grows with C and D."""
+    for chunk in (gd_tpu.CHUNK, gd_tpu.CHUNK_V6E):
+        for dtype in (F32, BF16):
+            for d in (128, 256):
+                assert gd_tpu.vmem_bytes(kernel, chunk, d, d, dtype) <= 16 * 2 ** 20
+            assert gd_tpu.tpu_supports(dtype, 256, 256, chunk) is None
+    small, big = (gd_tpu.vmem_bytes(kernel, gd_tpu.CHUNK, d, d) for d in (128, 256))
+    assert 0.5 * 2 ** 20 < small < big < gd_tpu.vmem_bytes(kernel, gd_tpu.CHUNK_V6E, 256, 256)
 
 
 def _bad(**changes):

@@ -229,11 +229,15 @@ def test_ssd_step_matches_recurrence():
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
 def test_tpu_vmem_per_block(kind):
-    """Bound from the block shapes: default chunk, features up to 256, f32 (the worst case)."""
+    """Bound from the block shapes: chunk 128 (default) and 256, features up to 256, f32 (the
+    worst case) and bf16."""
     limit = 16 * 2 ** 20                                    # TPU v5e default scoped VMEM
-    for feat in (128, 256):
-        used = sg_tpu.vmem_bytes(kind, k_dim=feat, v_dim=feat, dtype=F32, has_seg=True)
-        assert 2 * 64 * feat * 4 < used < limit, (kind, feat, used)
+    for chunk in (sg_tpu.DEFAULT_CHUNK, sg_tpu.CHUNK_V6E):
+        for dtype in (F32, jnp.bfloat16):
+            for feat in (128, 256):
+                used = sg_tpu.vmem_bytes(kind, chunk=chunk, k_dim=feat, v_dim=feat, dtype=dtype,
+                                         has_seg=True)
+                assert 2 * chunk * feat * 2 < used < limit, (kind, chunk, feat, dtype, used)
 
 
 # ------------------------------------------------------------------------------------------

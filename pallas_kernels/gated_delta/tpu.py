@@ -168,6 +168,7 @@ def bwd_call(qgt, pt, w, wt, u, kg, lam, states, do, dfinal, *, grad_dtypes=None
     )(qgt, pt, w, wt, u, kg, lam, states, do, dfinal)
 
 
+@functools.lru_cache(maxsize=None)           # pure in its (hashable) arguments
 def vmem_bytes(kernel, C, K, V, dtype=jnp.float32, n_chunks=64):
     """VMEM bytes one grid step of ``kernel`` ("fwd" with states, or "bwd") needs for inputs of
     ``dtype`` at chunk ``C``: every in/out block double-buffered plus the scratch state, read off

@@ -179,6 +179,7 @@ def _specs(kind, h, hv, n_t, c, kd, vd, has_seg):
     return ins, outs, (kd, vd)
 
 
+@functools.lru_cache(maxsize=None)           # pure in its (hashable) arguments
 def vmem_bytes(kind, *, chunk=DEFAULT_CHUNK, k_dim=128, v_dim=128, dtype=jnp.float32,
                has_seg=True):
     """Upper bound of the VMEM one grid step of kernel ``kind`` uses for inputs of ``dtype``.

@@ -290,6 +290,7 @@ def bwd_call(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlas
     )(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, ms, ss, dy, dmf, dsf, dmlast))
 
 
+@functools.lru_cache(maxsize=None)           # pure in its (hashable) arguments
 def vmem_bytes(kernel, rows, b, K, V, dtype=jnp.float32, n_blocks=256):
     """VMEM bytes one grid step of ``kernel`` ("fwd" with states, or "bwd") needs: G = rows // b
     blocks of b rows per step, inputs of ``dtype``; every in/out block double-buffered plus the
