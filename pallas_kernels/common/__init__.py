@@ -2,8 +2,8 @@
 
 The op frame (``frame.py``: implementation table, the layers' single-token step, benchmark
 cases), the ops' place on the mesh (``sharding.py``: kernels per (batch, head) shard, constraints
-for the pure-JAX forms), kernel layouts (``layout.py``) and the TPU grid of the sequential kernels
-(``tpu_grid.py``) live beside this module.
+for the pure-JAX forms), kernel layouts (``layout.py``), the TPU grid of the sequential kernels
+(``tpu_grid.py``) and their MXU matmuls and dtype rule (``mxu.py``) live beside this module.
 
 The one place that resolves ``impl="auto"`` is :func:`resolve_impl`: "chunked" on CPU (and for
 ops with no kernel on the current backend), "triton" on GPU, "mosaic_tpu" on TPU, decided from
