@@ -4,7 +4,9 @@ The kernels (``gpu.py`` Triton, ``tpu.py`` Mosaic TPU) work on the kernel layout
 ``common.layout``: heads-major ``[B, H, Tp, Dp]``, T zero-padded to a multiple of the chunk with
 k = 0, g = 0 (exact: a padded token leaves the state alone), features zero-padded (exact) to
 ``triton_width`` (a power of two >= 16) or ``tpu_width`` (a multiple of 128 lanes); the gate
-arrives as b, the log-decay cumulated inside each chunk (``chunk_cumsum``, in XLA).
+arrives as b, the log-decay cumulated inside each chunk (``chunk_cumsum``, in XLA). The chunk is
+the backend's ``DEFAULT_CHUNK`` (TPU: 128, one v5e MXU tile; ``simple_gla_tpu(chunk=256)`` for
+v6e); the TPU path casts fp16 inputs to bf16 (its MXU operand dtype, see ``tpu.py``).
 
 ``segment_ids`` become three per-token float masks (:func:`segment_masks`): document id, "still
 in the document that entered the chunk" and "in the chunk's last document", which remove

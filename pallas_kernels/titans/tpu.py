@@ -63,8 +63,8 @@ from pallas_kernels.common.tpu_grid import (head_spec, lane_pick, lane_put, lane
 from pallas_kernels.titans.chunked import run_linear_kernels
 from pallas_kernels.titans.reference import TitansState
 
-__all__ = ["supports", "blocks_per_step", "fit_rows", "fwd_call", "bwd_call", "recurrence", "vmem_bytes",
-           "tpu_supports", "titans_linear_tpu", "ROWS", "ROWS_V6E", "VMEM_LIMIT"]
+__all__ = ["supports", "blocks_per_step", "fit_rows", "fwd_call", "bwd_call", "recurrence",
+           "vmem_bytes", "tpu_supports", "titans_linear_tpu", "ROWS", "ROWS_V6E", "VMEM_LIMIT"]
 
 LANE = 128
 ROWS = 128                   # token rows per grid step: one v5e MXU tile
@@ -183,7 +183,8 @@ def fwd_call(qa, qc, k, v, pm, kd, kp, a0e, ce, p0e, m0, s0, *, n_real=None,
 
 # --------------------------------------------------------------------------- backward kernel
 def _bwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, ce_ref,
-                p0e_ref, ms_ref, ss_ref, dy_ref, dmf_ref, dsf_ref, dmlast_ref, dqa_ref, dqc_ref, dk_ref, dv_ref, dpm_ref, dkd_ref, dkp_ref, da0e_ref,
+                p0e_ref, ms_ref, ss_ref, dy_ref, dmf_ref, dsf_ref, dmlast_ref,
+                dqa_ref, dqc_ref, dk_ref, dv_ref, dpm_ref, dkd_ref, dkp_ref, da0e_ref,
                 dce_ref, dp0e_ref, dm0_ref, ds0_ref, dm_ref, ds_ref, mb_ref, sb_ref, *, n_steps,
                 n_real, group, b):
     t = pl.program_id(1)                       # step c = NS-1-t, its blocks in reverse
@@ -395,7 +396,8 @@ def _recurrence_bwd(g, n_real, op, interpret, res, cts):
     tok, grp = (lambda x: _tok_layout(x, g)), (lambda x: _grp_layout(x, g))
     f32 = jnp.float32
     grads = bwd_call(tok(qa), tok(qc), tok(k), tok(v), grp(pm), tok(kd), tok(kp), a0e, ce, p0e,
-                     ms, ss, dy.astype(f32), dmf.astype(f32), dsf.astype(f32), dmlast.astype(f32), n_real=n_real,
+                     ms, ss, dy.astype(f32), dmf.astype(f32), dsf.astype(f32),
+                     dmlast.astype(f32), n_real=n_real,
                      grad_dtypes=tuple(t.dtype for t in tags), interpret=interpret)
     dqa, dqc, dk, dv, dpm, dkd, dkp = (x.reshape(p.shape) for x, p in zip(grads[:7], inputs))
     return (dqa, dqc, dk, dv, dpm, dkd, dkp) + tuple(grads[7:])
