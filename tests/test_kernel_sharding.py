@@ -1,16 +1,14 @@
 """Ops on a mesh with heads on "tensor": kernels per (batch, head) shard, the fallback, constraints.
 
 The mesh checks run once in a subprocess with 8 simulated CPU devices
-(``tests/sharded_kernels.py heads``, its docstring lists what it measures); the placement rules
+(``tests/sharded_kernels.py heads``, its docstring lists what it measures; started beside the
+suite once the tests are collected, tests/background.py); the placement rules
 themselves are checked here under abstract meshes, with no devices.
 """
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +17,11 @@ from jax.sharding import AbstractMesh, AxisType
 
 from pallas_kernels.common import sharding
 from pallas_kernels.common.frame import registered_ops
+from tests import background
 from tests.sharded_kernels import kernel_cases
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADS = background.job("sharded_kernels_heads", ["tests/sharded_kernels.py", "heads"], timeout=900)
+BACKGROUND_JOBS = {"checks": [HEADS]}   # runs beside the suite (tests/background.py)
 
 
 def _mesh(shape):
@@ -34,11 +34,9 @@ def _sds(*shape):
 
 @pytest.fixture(scope="module")
 def checks():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_kernels.py"),
-                          "heads"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "PYTHONPATH": ROOT})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    rc, out, err = HEADS.wait()
+    assert rc == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _kernel_ops():

@@ -3,9 +3,6 @@ policies, scanned layer groups, the "auto" compute dtype."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +13,18 @@ from jax.sharding import PartitionSpec as P
 
 from layers.common import Constant
 from layers.partitioning import ACTIVATION_RULES, PARAM_RULES, constrain, spec_for
+from tests import background
 from tests.tolerance import assert_close
 from train.sharding import RULES, no_decay_mask, trainable_mask
 from zoo import LM, ConfigError, ModelConfig
 from zoo.config import layer_period
 from zoo.model import cross_entropy, stack_layer_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HYBRID = ("gdn", "gdn", "gdn", "attn")
+# tests/model_sharding_check.py runs beside the suite from collection on (tests/background.py).
+SHARDING_CHECK = background.job("model_sharding_check", ["tests/model_sharding_check.py"],
+                                timeout=600)
+BACKGROUND_JOBS = {"sharding_report": [SHARDING_CHECK]}
 
 
 def cfg(**kw):
@@ -188,14 +189,18 @@ def test_layout_change_is_refused_on_resume(tmp_path):
         train_and_evaluate(c, str(tmp_path))
 
 
-def test_activation_sharding_on_meshes():
+@pytest.fixture
+def sharding_report():
+    """tests/model_sharding_check.py's JSON line: all-gathers and remat warnings per mesh."""
+    rc, out, err = SHARDING_CHECK.wait()
+    assert rc == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_activation_sharding_on_meshes(sharding_report):
     """The compiled train step (tests/model_sharding_check.py, 8 simulated devices): on
     (1, 8, 1) no all-gather of a global-batch activation, on (2, 2, 2) no involuntary full
     rematerialization; parameter all-gathers remain (FSDP)."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "model_sharding_check.py")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": ROOT})
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = sharding_report
     assert res["1x8x1"]["activation"] == [] and res["1x8x1"]["all_gathers"] > 0, res
     assert res["2x2x2"]["remat_warnings"] == 0 and res["2x2x2"]["activation"] == [], res

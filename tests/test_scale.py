@@ -1,32 +1,32 @@
-"""Sharded training on 8 simulated devices (tests/scale_check.py, two processes run side by side):
+"""Sharded training on 8 simulated devices (tests/scale_check.py, two processes in the background):
 every mesh computes one device's loss and gradients, the optimizer state is sharded like the
 parameters, accumulation equals the big batch, and checkpoints resume onto other meshes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "scale_check.py")
+from tests import background
+
+# Both modes run concurrently when the fixture starts them, one after the other when the
+# background queue does (tests/background.py); each compile is single-threaded, CI has 2 cores.
+JOBS = {mode: background.job(f"scale_{mode}", ["tests/scale_check.py", mode,
+                                               f"{{dir}}/{mode}.json"], timeout=1500)
+        for mode in ("mixers", "train")}
+BACKGROUND_JOBS = {"results": list(JOBS.values())}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Both modes run concurrently (each compile is single-threaded; CI has 2 cores)."""
-    out = tmp_path_factory.mktemp("scale")
-    procs = {mode: subprocess.Popen([sys.executable, SCRIPT, mode, str(out / f"{mode}.json")],
-                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env={**os.environ, "PYTHONPATH": ROOT})
-             for mode in ("mixers", "train")}
+def results():
+    for j in JOBS.values():
+        j.start()
     res = {}
-    for mode, p in procs.items():
-        _, err = p.communicate(timeout=1500)
-        assert p.returncode == 0, f"{mode}: {err[-3000:]}"
-        res[mode] = json.loads((out / f"{mode}.json").read_text())
+    for mode, j in JOBS.items():
+        rc, _, err = j.wait()
+        assert rc == 0, f"{mode}: {err[-3000:]}"
+        with open(j.path(f"{mode}.json")) as f:
+            res[mode] = json.load(f)
     return res
 
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import background
 from tests.train_utils import tiny_config
 from train import train_and_evaluate
 from train.checkpoint import CheckpointError
@@ -15,6 +16,9 @@ from train.data import DataError
 from zoo.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every interpret-mode kernel under a batch-sharded jit: runs beside the suite (tests/background.py).
+SHARDED = background.job("sharded_kernels_batch", ["tests/sharded_kernels.py"], timeout=600)
+BACKGROUND_JOBS = {"sharded_kernel_errors": [SHARDED]}
 
 
 def _losses(workdir):
@@ -102,13 +106,17 @@ def test_bf16_compute_keeps_float32_parameters(tmp_path):
     assert params["blocks"][0]["mixer"]["q_proj"]["w"].dtype == np.float32
 
 
-def test_pallas_kernels_run_per_batch_shard_under_a_mesh():
+@pytest.fixture
+def sharded_kernel_errors():
+    """{"op/impl": max abs error} from tests/sharded_kernels.py (8 simulated devices)."""
+    rc, out, err = SHARDED.wait()
+    assert rc == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_pallas_kernels_run_per_batch_shard_under_a_mesh(sharded_kernel_errors):
     """pallas_call has no partitioning rule: the ops wrap kernels in shard_map over the batch."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_kernels.py")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": ROOT})
-    assert out.returncode == 0, out.stderr[-3000:]
-    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    errors = sharded_kernel_errors
     from tests.sharded_kernels import kernel_cases   # every interpret-mode kernel of the registry
     expected = {f"{name}/{impl}" for name, impl in kernel_cases()}
     # Triton kernels need Triton's interpreter process (tests/test_triton_sharding.py).

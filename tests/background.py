@@ -1,0 +1,101 @@
+"""Subprocess checks that run beside the suite, on the CI machine's second core.
+
+Most of the suite runs in one pytest process, one core busy at a time (an XLA compile is
+single-threaded); CI has two. The heavy checks that already run as scripts in their own
+process (8 simulated devices: tests/scale_check.py, tests/sharded_kernels.py,
+tests/model_sharding_check.py) are declared here as `Job`s. Once pytest has collected the
+tests, tests/conftest.py starts the jobs those tests need, one after another, in a background
+thread; the test's fixture then waits for its job's result, which is usually ready by the
+time the suite reaches it. A fixture that needs a job the queue has not started yet starts it
+at once (then two run side by side, as a fixture would have run them anyway). Nothing about a
+check changes: the same script, arguments and assertions, only earlier.
+
+A job's stdout and stderr go to files in its own temporary folder (an unread pipe that fills
+would block it); `{dir}` in its arguments is that folder. Jobs still running when pytest ends
+are killed, and the folders removed.
+"""
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOCK = threading.Lock()
+JOBS: dict[str, "Job"] = {}
+
+
+class Job:
+    """One script run: `args` (after `python`, `{dir}` replaced by the job's folder) with
+    PYTHONPATH at the repository root, `env` added to the environment."""
+
+    def __init__(self, name: str, args: list, env: dict | None = None, timeout: float = 1800):
+        self.name, self.args, self.env, self.timeout = name, list(args), dict(env or {}), timeout
+        self.dir = None
+        self.proc = None
+        self._files = None
+
+    def start(self):
+        """Start the process unless it is running or done (thread-safe, idempotent)."""
+        with _LOCK:
+            if self.proc is not None:
+                return
+            self.dir = tempfile.mkdtemp(prefix=f"bg-{self.name}-")
+            self._files = [open(os.path.join(self.dir, f"std{k}"), "w+") for k in ("out", "err")]
+            args = [a.replace("{dir}", self.dir) for a in self.args]
+            env = {**os.environ, "PYTHONPATH": ROOT, **self.env}
+            self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                                         stdout=self._files[0], stderr=self._files[1])
+
+    def wait(self) -> tuple[int, str, str]:
+        """(returncode, stdout, stderr), starting the job first if nothing has."""
+        self.start()
+        try:
+            rc = self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        out, err = (f.seek(0) or f.read() for f in self._files)
+        return rc, out, err
+
+    def path(self, name: str) -> str:
+        """A file the job wrote into its folder."""
+        return os.path.join(self.dir, name)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for f in self._files or ():
+            f.close()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def job(name: str, args: list, env: dict | None = None, timeout: float = 1800) -> Job:
+    """Declare (once) the job `name`; a module calls this at import and maps the fixture that
+    waits for it to it in its `BACKGROUND_JOBS` ({fixture: [Job]}), which tests/conftest.py
+    reads."""
+    if name not in JOBS:
+        JOBS[name] = Job(name, args, env, timeout)
+    return JOBS[name]
+
+
+def run_in_order(jobs: list) -> threading.Thread:
+    """Start `jobs` one after another in a daemon thread (each when the one before ends)."""
+    def worker():
+        for j in jobs:
+            j.start()
+            j.proc.wait()
+    thread = threading.Thread(target=worker, name="background-jobs", daemon=True)
+    thread.start()
+    return thread
+
+
+@atexit.register
+def stop_all():
+    for j in list(JOBS.values()):
+        j.stop()
