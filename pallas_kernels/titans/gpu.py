@@ -77,7 +77,7 @@ def _tiles(dtype, K: int, V: int) -> dict:
     h = dict(BV=min(V, 16 if K > 128 else 32), CS=16, num_warps=8, num_stages=1)
     o = dict(BK=min(K, 64), BV=min(V, 32 if f32 else 64), num_warps=4,
              num_stages=1 if K <= 64 else 2)          # one key tile: nothing to pipeline
-    dk = dict(BK=min(K, 32), BV=min(V, 32), num_warps=8, num_stages=2)
+    dk = dict(BK=min(K, 32), BV=min(V, 16 if f32 else 32), num_warps=8, num_stages=2)
     return {"h": h, "o": o, "dk": dk}
 
 
