@@ -59,8 +59,8 @@ class TestGatedDelta(OpSuite):
     lower_impls = ("triton", "mosaic_tpu")
     kernel_names = {"triton": ("gated_delta_fwd_wy", "gated_delta_fwd_h", "gated_delta_fwd_o",
                                "gated_delta_bwd_dv_local", "gated_delta_bwd_dh",
-                               "gated_delta_bwd_dqkw", "gated_delta_bwd_wy",
-                               "gated_delta_bwd_dqdk"),
+                               "gated_delta_bwd_dqkw", "gated_delta_bwd_wy_v",
+                               "gated_delta_bwd_wy", "gated_delta_bwd_dqdk"),
                     "mosaic_tpu": ("gated_delta_fwd_tpu", "gated_delta_bwd_tpu")}
 
     def case_kwargs(self, dtype):

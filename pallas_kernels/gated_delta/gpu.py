@@ -16,8 +16,9 @@ Kernels (grids fill an H100 at B·HV = 32: the parallel ones put chunks on a gri
     backward  gated_delta_bwd_dv_local (NC, B·HV)     Pᵀ do (the intra-chunk share of dδ)
               gated_delta_bwd_dh    (V/BV, B·HV)      reverse recurrence: dh_c, dδ, ds0
               gated_delta_bwd_dqkw  (K/BK, NC, B·HV)  dqg = do hᵀ, dkg = δ dhᵀ, dw = −dδ hᵀ
+              gated_delta_bwd_wy_v  (NC, B·HV)        back through u = T(βv): dv, dT's V share, dP
               gated_delta_bwd_wy    (NC, B·HV)        back through T, A, P and the gates:
-                                                      dv, dβ, dG, score gradients dkk, dqk
+                                                      dβ, dG, score gradients dkk, dqk
               gated_delta_bwd_dqdk  (K/BK, NC, B·HV)  dq, dk
 
 Every reduction over K or V runs inside one kernel (a kernel loops over the tiles); the only
@@ -58,21 +59,22 @@ __all__ = ["CHUNK", "KERNELS", "TABLE", "config", "gated_delta_rule_triton"]
 CHUNK = 64
 KERNELS = ("gated_delta_fwd_wy", "gated_delta_fwd_h", "gated_delta_fwd_o",
            "gated_delta_bwd_dv_local", "gated_delta_bwd_dh", "gated_delta_bwd_dqkw",
-           "gated_delta_bwd_wy", "gated_delta_bwd_dqdk")
+           "gated_delta_bwd_wy_v", "gated_delta_bwd_wy", "gated_delta_bwd_dqdk")
 F32 = jnp.float32
 
 
 def config(dtype: str, K: int, V: int) -> dict:
     """Tile sizes and launch options for padded sizes K, V. BK / BV tile the chunk-parallel
-    kernels (64 at most); BS is the V tile of the two sequential kernels, whose state [K, BS]
+    kernels (64 at most in bf16, 32 in f32: sm_80 holds mma.sync operands in registers); BS is the V tile of the two sequential kernels, whose state [K, BS]
     stays in registers (K whole), so it shrinks as K grows, and their loop over chunks is
     double-buffered only while its [C, K] tiles (q, k, w) are small (bf16 K <= 128, f32 K <= 64):
     one stage keeps K = 256 under sm_80's 163 KB. gated_delta_bwd_wy holds several C×C float32
     matrices at once: 8 warps keep it out of spills."""
     item = jnp.dtype(dtype).itemsize
-    return dict(BK=min(K, 64), BV=min(V, 64), BS=min(V, 64 if K <= 64 else 32), warps=4,
-                state_warps=4 if K <= 128 else 8, wy_warps=8, stages=2,
-                state_stages=2 if K * item <= 256 else 1)
+    tile = 64 if item == 2 else 32
+    return dict(BK=min(K, tile), BV=min(V, tile), BS=min(V, 64 if K <= 64 else 32), warps=4,
+                state_warps=4 if K * item <= 256 else 8, wy_warps=8, wy_tile=tile, stages=2,
+                state_stages=2 if K * item <= 256 else 1, NKS=2 if K * item >= 1024 else 1)
 
 
 def _sds(shape, dtype):
@@ -101,7 +103,7 @@ def _forward(q, k, v, G, beta, docs, carry, tail, s0, scale, interpret):
                                         _sds((B * HV, K, V), F32)],
                              grid=(V // cf["BS"], B * HV), name="gated_delta_fwd_h",
                              interpret=interpret, num_warps=cf["state_warps"],
-                             num_stages=cf["state_stages"], NC=NC, BV=cf["BS"], **dims)
+                             num_stages=cf["state_stages"], NC=NC, BV=cf["BS"], NKS=cf["NKS"], **dims)
     (o,) = launch(tk.gated_delta_fwd_o, q, k, v_new, h, *masks,
                   out_shape=[_sds(v.shape, dt)], grid=(V // cf["BV"], NC, B * HV),
                   name="gated_delta_fwd_o", **common, NC=NC, BK=cf["BK"], BV=cf["BV"],
@@ -130,18 +132,22 @@ def _backward(q, k, v, G, beta, docs, carry, tail, res, do, dfinal, scale, inter
                                     _sds((B * HV, K, V), F32)],
                          grid=(V // cf["BS"], B * HV), name="gated_delta_bwd_dh",
                          interpret=interpret, num_warps=cf["state_warps"],
-                         num_stages=cf["state_stages"], NC=NC, BV=cf["BS"], scale=scale, **dims)
+                         num_stages=cf["state_stages"], NC=NC, BV=cf["BS"], scale=scale,
+                         NKS=cf["NKS"], **dims)
     dqg, dkg, dw = launch(tk.gated_delta_bwd_dqkw, do, v_new, dd, h, dh,
                           out_shape=[_sds(q.shape, F32)] * 3, grid=(K // cf["BK"], NC, B * HV),
                           name="gated_delta_bwd_dqkw", **common, NC=NC, BK=cf["BK"],
                           BV=cf["BV"], **dims)
-    sq = _sds((B, Tp, HV, C), F32)
-    dv, dbeta, dG, dkk, dqk = launch(
-        tk.gated_delta_bwd_wy, q, k, v, beta, *masks, t, v_new, do, dd, h, dh, dqg, dkg, dw,
-        out_shape=[_sds(v.shape, F32), _sds(beta.shape, F32), _sds(beta.shape, F32), sq, sq],
-        grid=(NC, B * HV), name="gated_delta_bwd_wy", interpret=interpret,
-        num_warps=cf["wy_warps"], num_stages=cf["stages"], NC=NC, BK=cf["BK"], BV=cf["BV"],
-        scale=scale, **dims)
+    sq, vec = _sds((B, Tp, HV, C), F32), _sds(beta.shape, F32)
+    wt = dict(interpret=interpret, num_warps=cf["wy_warps"], num_stages=cf["stages"])
+    dv, s_bv, dtv, dp = launch(tk.gated_delta_bwd_wy_v, v, beta, t, v_new, do, dd,
+                               out_shape=[_sds(v.shape, F32), vec, sq, sq], grid=(NC, B * HV),
+                               name="gated_delta_bwd_wy_v", **wt, BV=min(V, cf["wy_tile"]),
+                               HV=HV, Tp=Tp, V=V, C=C)
+    dbeta, dG, dkk, dqk = launch(
+        tk.gated_delta_bwd_wy, q, k, beta, *masks, t, h, dh, dqg, dkg, dw, dtv, dp, s_bv,
+        out_shape=[vec, vec, sq, sq], grid=(NC, B * HV), name="gated_delta_bwd_wy", **wt,
+        NC=NC, BK=min(K, cf["wy_tile"]), BV=min(V, cf["wy_tile"]), scale=scale, **dims)
     dq, dk = launch(tk.gated_delta_bwd_dqdk, q, k, beta, *masks, t, dkk, dqk, dqg, dkg, dw,
                     out_shape=[_sds(q.shape, F32)] * 2, grid=(K // cf["BK"], NC, B * HV),
                     name="gated_delta_bwd_dqdk", **common, BK=cf["BK"], scale=scale,

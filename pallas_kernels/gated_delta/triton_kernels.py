@@ -27,7 +27,7 @@ import triton.language as tl
 
 __all__ = ["gated_delta_fwd_wy", "gated_delta_fwd_h", "gated_delta_fwd_o",
            "gated_delta_bwd_dv_local", "gated_delta_bwd_dh", "gated_delta_bwd_dqkw",
-           "gated_delta_bwd_wy", "gated_delta_bwd_dqdk"]
+           "gated_delta_bwd_wy_v", "gated_delta_bwd_wy", "gated_delta_bwd_dqdk"]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -50,6 +50,18 @@ def _masks(g_ptr, docs_ptr, carry_ptr, tail_ptr, b, hh, c, HV: tl.constexpr, C: 
     gamma_o = tl.exp(g_last - G) * tail
     lam = tl.exp(g_last) * carry_last
     return G, decay, gamma, gamma_o, lam
+
+
+@triton.jit
+def _decay(g_ptr, docs_ptr, b, hh, c, HV: tl.constexpr, C: tl.constexpr, Tp: tl.constexpr):
+    """decay [C, C] of chunk c alone (as in :func:`_masks`): called after a kernel's loops, so
+    the C×C float32 matrix is not held in registers through them."""
+    r = tl.arange(0, C)
+    t = c * C + r
+    G = tl.load(g_ptr + (b * Tp + t) * HV + hh)
+    doc = tl.load(docs_ptr + b * Tp + t)
+    same = (r[:, None] >= r[None, :]) & (doc[:, None] == doc[None, :])
+    return tl.where(same, tl.exp(tl.where(same, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
 @triton.jit
@@ -120,6 +132,7 @@ def gated_delta_fwd_wy(k_ptr, v_ptr, g_ptr, beta_ptr, docs_ptr, carry_ptr, tail_
     for kt in range(K // BK):
         kb = tl.load(_tile(k_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
         kk += tl.dot(kb, tl.trans(kb))
+    decay = _decay(g_ptr, docs_ptr, b, hh, c, HV, C, Tp)
     a = tl.where(r[:, None] > r[None, :], beta[:, None] * kk * decay, 0.0)
     rs = HV * C                                                          # row stride of A and T
     a_base = a_ptr + ((b * Tp + c * C) * HV + hh) * C
@@ -175,8 +188,9 @@ def gated_delta_fwd_wy(k_ptr, v_ptr, g_ptr, beta_ptr, docs_ptr, carry_ptr, tail_
 def gated_delta_fwd_h(k_ptr, w_ptr, u_ptr, g_ptr, docs_ptr, carry_ptr, tail_ptr, s0_ptr,
                       h_ptr, vnew_ptr, final_ptr,
                       HV: tl.constexpr, Tp: tl.constexpr, NC: tl.constexpr, K: tl.constexpr,
-                      V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr):
-    """Grid (V / BV, B·HV); the only sequential forward kernel. S [K, BV] float32 in registers:
+                      V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, NKS: tl.constexpr):
+    """Grid (V / BV, B·HV); the only sequential forward kernel. S [K, BV] float32 in registers,
+    as NKS (1 or 2) row slices of K / NKS (two keep K = 256 float32 out of spills):
     for c = 0..NC-1: h_c = S;  δ = u_c − w_c S;  S <- λ_c S + (γo_c k_c)ᵀ δ.  Stores h_c (DT),
     v_new = δ (DT) and the final S (f32)."""
     iv = tl.program_id(0)
@@ -184,19 +198,32 @@ def gated_delta_fwd_h(k_ptr, w_ptr, u_ptr, g_ptr, docs_ptr, carry_ptr, tail_ptr,
     b = bh // HV
     hh = bh % HV
     DT = k_ptr.dtype.element_ty
-    s = tl.load(_state_tile(s0_ptr, bh, 0, 0, iv * BV, 1, K, V, K, BV))     # [K, BV] f32
+    KS: tl.constexpr = K // NKS
+    s1 = tl.load(_state_tile(s0_ptr, bh, 0, 0, iv * BV, 1, K, V, KS, BV))    # [KS, BV] f32
+    s2 = tl.zeros((KS, BV), tl.float32)
+    if NKS == 2:
+        s2 = tl.load(_state_tile(s0_ptr, bh, 0, KS, iv * BV, 1, K, V, KS, BV))
     for c in range(NC):
-        tl.store(_state_tile(h_ptr, bh, c, 0, iv * BV, NC, K, V, K, BV), s.to(DT))
+        tl.store(_state_tile(h_ptr, bh, c, 0, iv * BV, NC, K, V, KS, BV), s1.to(DT))
         G, decay, gamma, gamma_o, lam = _masks(g_ptr, docs_ptr, carry_ptr, tail_ptr, b, hh, c,
                                                HV, C, Tp)
-        w = tl.load(_tile(w_ptr, b, hh, c, 0, HV, C, Tp, K, K))
         u = tl.load(_tile(u_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV)).to(tl.float32)
-        delta = u - tl.dot(w, s.to(DT))                                  # [C, BV]
+        w1 = tl.load(_tile(w_ptr, b, hh, c, 0, HV, C, Tp, K, KS))
+        delta = u - tl.dot(w1, s1.to(DT))                                # [C, BV]
+        if NKS == 2:
+            tl.store(_state_tile(h_ptr, bh, c, KS, iv * BV, NC, K, V, KS, BV), s2.to(DT))
+            w2 = tl.load(_tile(w_ptr, b, hh, c, KS, HV, C, Tp, K, KS))
+            delta -= tl.dot(w2, s2.to(DT))
         tl.store(_tile(vnew_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV), delta.to(DT))
-        kb = tl.load(_tile(k_ptr, b, hh, c, 0, HV, C, Tp, K, K)).to(tl.float32)
-        kg = (kb * gamma_o[:, None]).to(DT)
-        s = lam * s + tl.dot(tl.trans(kg), delta.to(DT))
-    tl.store(_state_tile(final_ptr, bh, 0, 0, iv * BV, 1, K, V, K, BV), s)
+        dl = delta.to(DT)
+        k1 = tl.load(_tile(k_ptr, b, hh, c, 0, HV, C, Tp, K, KS)).to(tl.float32)
+        s1 = lam * s1 + tl.dot(tl.trans((k1 * gamma_o[:, None]).to(DT)), dl)
+        if NKS == 2:
+            k2 = tl.load(_tile(k_ptr, b, hh, c, KS, HV, C, Tp, K, KS)).to(tl.float32)
+            s2 = lam * s2 + tl.dot(tl.trans((k2 * gamma_o[:, None]).to(DT)), dl)
+    tl.store(_state_tile(final_ptr, bh, 0, 0, iv * BV, 1, K, V, KS, BV), s1)
+    if NKS == 2:
+        tl.store(_state_tile(final_ptr, bh, 0, KS, iv * BV, 1, K, V, KS, BV), s2)
 
 
 @triton.jit
@@ -222,7 +249,7 @@ def gated_delta_fwd_o(q_ptr, k_ptr, vnew_ptr, h_ptr, g_ptr, docs_ptr, carry_ptr,
         hb = tl.load(_state_tile(h_ptr, bh, c, kt * BK, iv * BV, NC, K, V, BK, BV))
         o += tl.dot(qb, hb)
         qk += tl.dot(qb, tl.trans(kb))
-    p = (scale * qk * decay).to(DT)
+    p = (scale * qk * _decay(g_ptr, docs_ptr, b, hh, c, HV, C, Tp)).to(DT)
     dl = tl.load(_tile(vnew_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV))
     o = o * (scale * gamma)[:, None] + tl.dot(p, dl)
     tl.store(_tile(o_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV), o.to(o_ptr.dtype.element_ty))
@@ -248,7 +275,7 @@ def gated_delta_bwd_dv_local(q_ptr, k_ptr, do_ptr, g_ptr, docs_ptr, carry_ptr, t
         qb = tl.load(_tile(q_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
         kb = tl.load(_tile(k_ptr, b, hh, c, kt * BK, HV, C, Tp, K, BK))
         qk += tl.dot(qb, tl.trans(kb))
-    pt = tl.trans(scale * qk * decay).to(DT)                              # Pᵀ [C, C]
+    pt = tl.trans(scale * qk * _decay(g_ptr, docs_ptr, b, hh, c, HV, C, Tp)).to(DT)   # Pᵀ
     for vt in range(V // BV):
         do = tl.load(_tile(do_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
         tl.store(_tile(dvl_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV), tl.dot(pt, do))
@@ -260,31 +287,48 @@ def gated_delta_bwd_dh(q_ptr, k_ptr, w_ptr, do_ptr, dvl_ptr, g_ptr, docs_ptr, ca
                        dh_ptr, dd_ptr, ds0_ptr,
                        HV: tl.constexpr, Tp: tl.constexpr, NC: tl.constexpr, K: tl.constexpr,
                        V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                       scale: tl.constexpr):
-    """Grid (V / BV, B·HV); the only sequential backward kernel. D = ∂L/∂S [K, BV] f32, from
-    dfinal, for c = NC-1..0:  dh_c = D (DT);  dδ_c = Pᵀdo_c + (γo k)_c D (f32);
-    D <- (scale γ q)_cᵀ do_c + λ_c D − w_cᵀ dδ_c.  Stores ds0 = D."""
+                       scale: tl.constexpr, NKS: tl.constexpr):
+    """Grid (V / BV, B·HV); the only sequential backward kernel. D = ∂L/∂S [K, BV] f32 (NKS row
+    slices, as in :func:`gated_delta_fwd_h`), from dfinal, for c = NC-1..0:  dh_c = D (DT);
+    dδ_c = Pᵀdo_c + (γo k)_c D (f32);  D <- (scale γ q)_cᵀ do_c + λ_c D − w_cᵀ dδ_c.
+    Stores ds0 = D."""
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HV
     hh = bh % HV
     DT = q_ptr.dtype.element_ty
-    d = tl.load(_state_tile(dfinal_ptr, bh, 0, 0, iv * BV, 1, K, V, K, BV))  # [K, BV] f32
+    KS: tl.constexpr = K // NKS
+    d1 = tl.load(_state_tile(dfinal_ptr, bh, 0, 0, iv * BV, 1, K, V, KS, BV))  # [KS, BV] f32
+    d2 = tl.zeros((KS, BV), tl.float32)
+    if NKS == 2:
+        d2 = tl.load(_state_tile(dfinal_ptr, bh, 0, KS, iv * BV, 1, K, V, KS, BV))
     for j in range(NC):
         c = NC - 1 - j
-        tl.store(_state_tile(dh_ptr, bh, c, 0, iv * BV, NC, K, V, K, BV), d.to(DT))
+        tl.store(_state_tile(dh_ptr, bh, c, 0, iv * BV, NC, K, V, KS, BV), d1.to(DT))
         G, decay, gamma, gamma_o, lam = _masks(g_ptr, docs_ptr, carry_ptr, tail_ptr, b, hh, c,
                                                HV, C, Tp)
-        kb = tl.load(_tile(k_ptr, b, hh, c, 0, HV, C, Tp, K, K)).to(tl.float32)
-        kg = (kb * gamma_o[:, None]).to(DT)
-        dd = tl.load(_tile(dvl_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV)) + tl.dot(kg, d.to(DT))
+        k1 = tl.load(_tile(k_ptr, b, hh, c, 0, HV, C, Tp, K, KS)).to(tl.float32)
+        dd = tl.load(_tile(dvl_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV))
+        dd += tl.dot((k1 * gamma_o[:, None]).to(DT), d1.to(DT))
+        if NKS == 2:
+            tl.store(_state_tile(dh_ptr, bh, c, KS, iv * BV, NC, K, V, KS, BV), d2.to(DT))
+            k2 = tl.load(_tile(k_ptr, b, hh, c, KS, HV, C, Tp, K, KS)).to(tl.float32)
+            dd += tl.dot((k2 * gamma_o[:, None]).to(DT), d2.to(DT))
         tl.store(_tile(dd_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV), dd)
-        qb = tl.load(_tile(q_ptr, b, hh, c, 0, HV, C, Tp, K, K)).to(tl.float32)
-        qg = (qb * (scale * gamma)[:, None]).to(DT)
         do = tl.load(_tile(do_ptr, b, hh, c, iv * BV, HV, C, Tp, V, BV))
-        w = tl.load(_tile(w_ptr, b, hh, c, 0, HV, C, Tp, K, K))
-        d = lam * d + tl.dot(tl.trans(qg), do) - tl.dot(tl.trans(w), dd.to(DT))
-    tl.store(_state_tile(ds0_ptr, bh, 0, 0, iv * BV, 1, K, V, K, BV), d)
+        ddt = dd.to(DT)
+        q1 = tl.load(_tile(q_ptr, b, hh, c, 0, HV, C, Tp, K, KS)).to(tl.float32)
+        w1 = tl.load(_tile(w_ptr, b, hh, c, 0, HV, C, Tp, K, KS))
+        d1 = (lam * d1 + tl.dot(tl.trans((q1 * (scale * gamma)[:, None]).to(DT)), do)
+              - tl.dot(tl.trans(w1), ddt))
+        if NKS == 2:
+            q2 = tl.load(_tile(q_ptr, b, hh, c, KS, HV, C, Tp, K, KS)).to(tl.float32)
+            w2 = tl.load(_tile(w_ptr, b, hh, c, KS, HV, C, Tp, K, KS))
+            d2 = (lam * d2 + tl.dot(tl.trans((q2 * (scale * gamma)[:, None]).to(DT)), do)
+                  - tl.dot(tl.trans(w2), ddt))
+    tl.store(_state_tile(ds0_ptr, bh, 0, 0, iv * BV, 1, K, V, KS, BV), d1)
+    if NKS == 2:
+        tl.store(_state_tile(ds0_ptr, bh, 0, KS, iv * BV, 1, K, V, KS, BV), d2)
 
 
 @triton.jit
@@ -318,19 +362,56 @@ def gated_delta_bwd_dqkw(do_ptr, vnew_ptr, dd_ptr, h_ptr, dh_ptr,
 
 
 @triton.jit
-def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr, tail_ptr,
-                       t_ptr, vnew_ptr, do_ptr, dd_ptr, h_ptr, dh_ptr, dqg_ptr, dkg_ptr, dw_ptr,
-                       dv_ptr, dbeta_ptr, dg_ptr, dkk_ptr, dqk_ptr,
+def gated_delta_bwd_wy_v(v_ptr, beta_ptr, t_ptr, vnew_ptr, do_ptr, dd_ptr,
+                         dv_ptr, sbv_ptr, dtv_ptr, dp_ptr,
+                         HV: tl.constexpr, Tp: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                         BV: tl.constexpr):
+    """Grid (NC, B·HV): the value side of the backward through the chunk's factors, over every
+    V tile (u = T bv, bv = β v, du = dδ):  dT_v = du bvᵀ,  dP = do δᵀ (f32 [C, C] each),
+    dbv = Tᵀ du -> dv = β dbv,  and dbv·v (f32 [C]) for dβ."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HV
+    hh = bh % HV
+    DT = v_ptr.dtype.element_ty
+    f32 = tl.float32
+    r = tl.arange(0, C)
+    beta = tl.load(beta_ptr + (b * Tp + c * C + r) * HV + hh)
+    sq = ((b * Tp + c * C + r[:, None]) * HV + hh) * C + r[None, :]
+    dt = tl.zeros((C, C), f32)
+    dp = tl.zeros((C, C), f32)
+    s_bv = tl.zeros((C,), f32)
+    for vt in range(V // BV):
+        vb = tl.load(_tile(v_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
+        du = tl.load(_tile(dd_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV)).to(DT)
+        do = tl.load(_tile(do_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
+        dl = tl.load(_tile(vnew_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
+        vf = vb.to(f32)
+        dt += tl.dot(du, tl.trans((vf * beta[:, None]).to(DT)))
+        dp += tl.dot(do, tl.trans(dl))
+        dbv = tl.dot(tl.trans(tl.load(t_ptr + sq)), du)                  # Tᵀ du
+        tl.store(_tile(dv_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV), dbv * beta[:, None])
+        s_bv += tl.sum(dbv * vf, axis=1)
+    tl.store(dtv_ptr + sq, dt)
+    tl.store(dp_ptr + sq, dp)
+    tl.store(sbv_ptr + (b * Tp + c * C + r) * HV + hh, s_bv)
+
+
+@triton.jit
+def gated_delta_bwd_wy(q_ptr, k_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr, tail_ptr,
+                       t_ptr, h_ptr, dh_ptr, dqg_ptr, dkg_ptr, dw_ptr, dtv_ptr, dp_ptr, sbv_ptr,
+                       dbeta_ptr, dg_ptr, dkk_ptr, dqk_ptr,
                        HV: tl.constexpr, Tp: tl.constexpr, NC: tl.constexpr, K: tl.constexpr,
                        V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        scale: tl.constexpr):
-    """Grid (NC, B·HV): the backward through the chunk's factors (the math of
-    ``chunked._prepare_bwd``), every K and V reduction owned here; dq, dk follow in
-    :func:`gated_delta_bwd_dqdk` from the score gradients dkk, dqk stored here (f32 [C, C]).
+    """Grid (NC, B·HV): the key side of the backward through the chunk's factors (the math of
+    ``chunked._prepare_bwd``), every K reduction owned here, after
+    :func:`gated_delta_bwd_wy_v`; dq, dk follow in :func:`gated_delta_bwd_dqdk` from the score
+    gradients dkk, dqk stored here (f32 [C, C]).
 
     w = T bk, u = T bv (bk = β γ k, bv = β v):  dT = dw bkᵀ + du bvᵀ,  dbk = Tᵀ dw,
-    dbv = Tᵀ du (du = dδ),  dA = −Tᵀ dT Tᵀ;  dP = do δᵀ;  dm = β_i dA ⊙ strict;
-    dkk = dm ⊙ decay;  dqk = scale dP ⊙ decay;  ddecay = dm ⊙ kkᵀ + scale dP ⊙ qkᵀ;  dv = β dbv;
+    dA = −Tᵀ dT Tᵀ;  dP = do δᵀ;  dm = β_i dA ⊙ strict;
+    dkk = dm ⊙ decay;  dqk = scale dP ⊙ decay;  ddecay = dm ⊙ kkᵀ + scale dP ⊙ qkᵀ;
     dβ_i = Σ_j dA ⊙ kk ⊙ decay ⊙ strict + γ (dbk·k) + dbv·v;
     dG_i = Σ_j (ddecay ⊙ decay)_ij − Σ_j (ddecay ⊙ decay)_ji + γ dγ − γo dγo (+ the last row's
     share: Σ γo dγo + λ dλ, dλ = Σ h_c ⊙ dh_c),  dγ = β (dbk·k) + scale dqg·q,  dγo = dkg·k.
@@ -343,24 +424,9 @@ def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr
     f32 = tl.float32
     r = tl.arange(0, C)
     beta = tl.load(beta_ptr + (b * Tp + c * C + r) * HV + hh)
-    t_base = t_ptr + ((b * Tp + c * C) * HV + hh) * C
-    tt = tl.trans(tl.load(t_base + r[:, None] * (HV * C) + r[None, :]))   # Tᵀ [C, C] DT
-    # V pass: dT's bv share, dP, dv, dbv·v
-    dt = tl.zeros((C, C), f32)
-    dp = tl.zeros((C, C), f32)
-    s_bv = tl.zeros((C,), f32)
-    for vt in range(V // BV):
-        vb = tl.load(_tile(v_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        du = tl.load(_tile(dd_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        do = tl.load(_tile(do_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        dl = tl.load(_tile(vnew_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV))
-        vf = vb.to(f32)
-        bv = (vf * beta[:, None]).to(DT)
-        dt += tl.dot(du.to(DT), tl.trans(bv))
-        dp += tl.dot(do, tl.trans(dl))
-        dbv = tl.dot(tt, du.to(DT))
-        tl.store(_tile(dv_ptr, b, hh, c, vt * BV, HV, C, Tp, V, BV), dbv * beta[:, None])
-        s_bv += tl.sum(dbv * vf, axis=1)
+    t_ptrs = t_ptr + ((b * Tp + c * C + r[:, None]) * HV + hh) * C + r[None, :]
+    sq = ((b * Tp + c * C + r[:, None]) * HV + hh) * C + r[None, :]
+    dt = tl.load(dtv_ptr + sq)                                           # dT's bv share
     # K pass: kk, qk, dT's bk share, dbk·k, dqg·q, dkg·k
     G, decay, gamma, gamma_o, lam = _masks(g_ptr, docs_ptr, carry_ptr, tail_ptr, b, hh, c,
                                            HV, C, Tp)
@@ -380,7 +446,7 @@ def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr
         qk += tl.dot(qb, tl.trans(kb))
         bk = (kf * (beta * gamma)[:, None]).to(DT)
         dt += tl.dot(dw.to(DT), tl.trans(bk))
-        dbk = tl.dot(tt, dw.to(DT))
+        dbk = tl.dot(tl.trans(tl.load(t_ptrs)), dw.to(DT))
         s_bk += tl.sum(dbk * kf, axis=1)
         s_qg += tl.sum(dqg * qb.to(f32), axis=1)
         s_kg += tl.sum(dkg * kf, axis=1)
@@ -392,21 +458,27 @@ def gated_delta_bwd_wy(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr
             dhb = tl.load(_state_tile(dh_ptr, bh, c, kt * BK, vt * BV, NC, K, V, BK, BV))
             hdh += hb.to(f32) * dhb.to(f32)
     dlam = tl.sum(tl.sum(hdh, axis=1), axis=0)
+    # the epilogue in an order that lets each C×C matrix die early: the score part first
+    decay = _decay(g_ptr, docs_ptr, b, hh, c, HV, C, Tp)
+    dqk = scale * tl.load(dp_ptr + sq) * decay
+    tl.store(dqk_ptr + sq, dqk)
+    dd_qk = dqk * qk                                                     # ddecay ⊙ decay, P's
+    dG = tl.sum(dd_qk, axis=1) - tl.sum(dd_qk, axis=0)
+    tt = tl.trans(tl.load(t_ptrs))                                       # Tᵀ [C, C] DT
     da = -tl.dot(tl.dot(tt, dt.to(DT)).to(DT), tt)                        # −Tᵀ dT Tᵀ
     strict = r[:, None] > r[None, :]
-    dm = tl.where(strict, beta[:, None] * da, 0.0)
-    dbeta = tl.sum(tl.where(strict, da * kk * decay, 0.0), axis=1) + gamma * s_bk + s_bv
-    dqk = scale * dp * decay
-    ddecay = dm * kk * decay + dqk * qk
+    kkd = tl.where(strict, kk * decay, 0.0)
+    dbeta = tl.sum(da * kkd, axis=1) + gamma * s_bk + tl.load(sbv_ptr + (b * Tp + c * C + r) * HV + hh)
+    dkk = tl.where(strict, beta[:, None] * da, 0.0) * decay
+    tl.store(dkk_ptr + sq, dkk)
+    dd_kk = dkk * kk                                                     # ddecay ⊙ decay, A's
+    dG += tl.sum(dd_kk, axis=1) - tl.sum(dd_kk, axis=0)
     dgamma = beta * s_bk + scale * s_qg
-    dG = tl.sum(ddecay, axis=1) - tl.sum(ddecay, axis=0) + dgamma * gamma - s_kg * gamma_o
+    dG += dgamma * gamma - s_kg * gamma_o
     d_last = tl.sum(s_kg * gamma_o, axis=0) + dlam * lam
     dG += tl.where(r == C - 1, d_last, 0.0)
     tl.store(dbeta_ptr + (b * Tp + c * C + r) * HV + hh, dbeta)
     tl.store(dg_ptr + (b * Tp + c * C + r) * HV + hh, dG)
-    sq = ((b * Tp + c * C + r[:, None]) * HV + hh) * C + r[None, :]
-    tl.store(dkk_ptr + sq, dm * decay)
-    tl.store(dqk_ptr + sq, dqk)
 
 
 @triton.jit
@@ -428,17 +500,17 @@ def gated_delta_bwd_dqdk(q_ptr, k_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr, tai
                                            HV, C, Tp)
     beta = tl.load(beta_ptr + (b * Tp + c * C + r) * HV + hh)
     sq = ((b * Tp + c * C + r[:, None]) * HV + hh) * C + r[None, :]
-    tt = tl.trans(tl.load(t_ptr + sq))                                   # Tᵀ [C, C] DT
-    dkk = tl.load(dkk_ptr + sq)
-    dqk = tl.load(dqk_ptr + sq)
-    qb = tl.load(_tile(q_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
     kb = tl.load(_tile(k_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
-    dw = tl.load(_tile(dw_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    # one C×C operand at a time (each read when its dots come)
+    dqk = tl.load(dqk_ptr + sq).to(DT)
     dqg = tl.load(_tile(dqg_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
-    dkg = tl.load(_tile(dkg_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
-    dq = tl.dot(dqk.to(DT), kb) + (scale * gamma)[:, None] * dqg
-    dk = (tl.dot(dkk.to(DT), kb) + tl.dot(tl.trans(dkk).to(DT), kb)
-          + tl.dot(tl.trans(dqk).to(DT), qb) + (beta * gamma)[:, None] * tl.dot(tt, dw.to(DT))
-          + gamma_o[:, None] * dkg)
+    dq = tl.dot(dqk, kb) + (scale * gamma)[:, None] * dqg
     tl.store(_tile(dq_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK), dq)
-    tl.store(_tile(dk_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK), dk)
+    qb = tl.load(_tile(q_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    dk = tl.dot(tl.trans(dqk), qb)
+    dkk = tl.load(dkk_ptr + sq).to(DT)
+    dk += tl.dot(dkk, kb) + tl.dot(tl.trans(dkk), kb)
+    dw = tl.load(_tile(dw_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK)).to(DT)
+    dk = dk + (beta * gamma)[:, None] * tl.dot(tl.trans(tl.load(t_ptr + sq)), dw)
+    dkg = tl.load(_tile(dkg_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK))
+    tl.store(_tile(dk_ptr, b, hh, c, ik * BK, HV, C, Tp, K, BK), dk + gamma_o[:, None] * dkg)
