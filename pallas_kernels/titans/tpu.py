@@ -124,7 +124,7 @@ def _fwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, c
     def block(j, carry):                                                 # block i = c·G + j
         m, s = carry                                                     # [K, V] f32
         i = c * group + j
-        rows = pl.ds(pl.multiple_of(j * b, 8), b)
+        rows = pl.ds(pl.multiple_of(j * b, b), b)
         m_op, s_op = m.astype(op), s.astype(op)
         e = 2.0 * (mxu_dot(k_ref[rows, :], m_op) - v_ref[rows, :].astype(f32))   # [b, V]
         e_op = e.astype(op)
@@ -204,7 +204,7 @@ def _bwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, c
     def replay(j, carry):                     # (M, S) entering each block of the step, again
         m, s = carry
         i = c * group + j
-        rows = pl.ds(pl.multiple_of(j * b, 8), b)
+        rows = pl.ds(pl.multiple_of(j * b, b), b)
         m_op = m.astype(op)
         mb_ref[j] = m_op
         sb_ref[j] = s.astype(op)
@@ -219,7 +219,7 @@ def _bwd_kernel(qa_ref, qc_ref, k_ref, v_ref, pm_ref, kd_ref, kp_ref, a0e_ref, c
         dm, ds = carry                                                   # leaving block i
         j = group - 1 - jj
         i = c * group + j
-        rows = pl.ds(pl.multiple_of(j * b, 8), b)
+        rows = pl.ds(pl.multiple_of(j * b, b), b)
         m, s = mb_ref[j], sb_ref[j]                                       # entering block i
         dm_op, ds_op = dm.astype(op), ds.astype(op)
         e = 2.0 * (mxu_dot(k_ref[rows, :], m) - v_ref[rows, :].astype(f32))      # [b, V]
