@@ -1,4 +1,4 @@
-"""Gated delta rule (GatedDeltaNet): reference scan, chunked JAX, Pallas GPU and TPU kernels."""
+"""Gated delta rule (GatedDeltaNet): reference scan, chunked JAX, Triton GPU kernels (jax-triton) and Pallas TPU kernels."""
 
 from pallas_kernels.gated_delta.ops import gated_delta_rule, gated_delta_rule_step
 
