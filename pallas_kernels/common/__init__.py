@@ -42,9 +42,6 @@ __all__ = [
     "BATCH_MESH_AXES",
     "HEAD_MESH_AXIS",
     "constrain_heads",
-    "mm",
-    "mm_tn",
-    "mm_nt",
 ]
 
 IMPLS = ("auto", "reference", "chunked", "xla", "blocked", "triton", "mosaic_tpu", "mosaic_gpu",
@@ -149,28 +146,6 @@ def causal_mask(n: int, strict: bool = False) -> jax.Array:
     """[n, n] bool, True where column j <= row i (j < i when strict)."""
     i = jnp.arange(n)
     return (i[None, :] < i[:, None]) if strict else (i[None, :] <= i[:, None])
-
-
-def _dot(a, b, contract):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=jax.lax.Precision.HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-
-# Matmuls of 2-D tiles inside the Pallas kernels: float32 results at HIGHEST precision (IEEE
-# float32 on GPU, where Triton's default would be TF32).
-def mm(a, b):
-    """a @ b."""
-    return _dot(a, b, ((1,), (0,)))
-
-
-def mm_tn(a, b):
-    """aᵀ @ b."""
-    return _dot(a, b, ((0,), (0,)))
-
-
-def mm_nt(a, b):
-    """a @ bᵀ."""
-    return _dot(a, b, ((1,), (1,)))
 
 
 def check_range(op: str, name: str, x, lo: float | None = None, hi: float | None = None) -> None:
