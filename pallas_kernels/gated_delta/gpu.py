@@ -64,17 +64,23 @@ F32 = jnp.float32
 
 
 def config(dtype: str, K: int, V: int) -> dict:
-    """Tile sizes and launch options for padded sizes K, V. BK / BV tile the chunk-parallel
-    kernels (64 at most in bf16, 32 in f32: sm_80 holds mma.sync operands in registers); BS is the V tile of the two sequential kernels, whose state [K, BS]
-    stays in registers (K whole), so it shrinks as K grows, and their loop over chunks is
-    double-buffered only while its [C, K] tiles (q, k, w) are small (bf16 K <= 128, f32 K <= 64):
-    one stage keeps K = 256 under sm_80's 163 KB. gated_delta_bwd_wy holds several C×C float32
-    matrices at once: 8 warps keep it out of spills."""
+    """Tile sizes and launch options for padded sizes K, V (tuned on the compile gate's
+    register / spill / shared-memory report).
+
+    BK / BV tile the chunk-parallel kernels: 64 in bf16, 32 in f32 (sm_80 holds mma.sync
+    operands in registers). BS is the V tile of the two sequential kernels, whose state
+    [K, BS] stays in registers (K whole), so it shrinks as K grows; their loop over chunks is
+    double-buffered only while the chunk's [C, K] tiles (q, k, w) are small (K · itemsize <=
+    256 bytes), and f32 K = 256 splits the state into NKS = 2 row slices of 128 with BS = 16.
+    gated_delta_bwd_wy_v / _wy hold several C×C float32 matrices at once, and
+    gated_delta_bwd_dqdk several C×C operands: 8 warps (the two wy kernels) and 32-wide tiles.
+    """
     item = jnp.dtype(dtype).itemsize
     tile = 64 if item == 2 else 32
-    return dict(BK=min(K, tile), BV=min(V, tile), BS=min(V, 64 if K <= 64 else 32), warps=4,
-                state_warps=4 if K * item <= 256 else 8, wy_warps=8, wy_tile=tile, stages=2,
-                state_stages=2 if K * item <= 256 else 1, NKS=2 if K * item >= 1024 else 1)
+    nks = 2 if K * item >= 1024 else 1
+    return dict(BK=min(K, tile), BV=min(V, tile), BS=min(V, 64 if K <= 64 else 32 // nks),
+                warps=4, state_warps=4 if K * item <= 256 else 8, wy_warps=8, wy_tile=32,
+                stages=2, state_stages=2 if K * item <= 256 else 1, NKS=nks)
 
 
 def _sds(shape, dtype):
@@ -149,8 +155,9 @@ def _backward(q, k, v, G, beta, docs, carry, tail, res, do, dfinal, scale, inter
         out_shape=[vec, vec, sq, sq], grid=(NC, B * HV), name="gated_delta_bwd_wy", **wt,
         NC=NC, BK=min(K, cf["wy_tile"]), BV=min(V, cf["wy_tile"]), scale=scale, **dims)
     dq, dk = launch(tk.gated_delta_bwd_dqdk, q, k, beta, *masks, t, dkk, dqk, dqg, dkg, dw,
-                    out_shape=[_sds(q.shape, F32)] * 2, grid=(K // cf["BK"], NC, B * HV),
-                    name="gated_delta_bwd_dqdk", **common, BK=cf["BK"], scale=scale,
+                    out_shape=[_sds(q.shape, F32)] * 2,
+                    grid=(K // min(K, cf["wy_tile"]), NC, B * HV),
+                    name="gated_delta_bwd_dqdk", **common, BK=min(K, cf["wy_tile"]), scale=scale,
                     HV=HV, Tp=Tp, K=K, C=C)
     return dq, dk, dv, dG, dbeta, ds0
 
@@ -228,14 +235,15 @@ def _request(arrays, static):
 
 
 def _shared_bytes(dtype, sizes):
-    """Shared memory of the largest kernel, an upper bound of what Triton allocates: per
-    pipeline stage, the chunk-parallel kernels stage at most five [C, 64] dot-operand tiles
-    (gated_delta_bwd_dqkw: do, δ, dδ, h, dh; gated_delta_bwd_wy: q, k, dw, dqg, dkg), the
-    sequential ones three [C, K] tiles (q, k, w) of the chunk."""
+    """Shared memory of the largest kernel, an upper bound of what Triton allocates (checked
+    against the compile gate's report): the chunk-parallel kernels stage, per pipeline stage,
+    at most six [C, 64]-byte-equivalent dot-operand tiles plus one C×C float32 matrix; the
+    sequential ones three [C, K / NKS] tiles (q, k, w) per stage plus the state [K, BS]."""
     item = jnp.dtype(dtype).itemsize
     cf = config(dtype, sizes["K"], sizes["V"])
-    parallel = cf["stages"] * 5 * CHUNK * 64 * item
-    state = cf["state_stages"] * 3 * CHUNK * sizes["K"] * item
+    parallel = cf["stages"] * 6 * CHUNK * 128 + CHUNK * CHUNK * 4
+    state = (cf["state_stages"] * 3 * CHUNK * sizes["K"] // cf["NKS"] * item
+             + sizes["K"] * cf["BS"] * item)
     return max(parallel, state)
 
 
