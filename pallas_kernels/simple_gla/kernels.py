@@ -1,12 +1,12 @@
-"""simple_gla's Pallas kernels behind one custom_vjp, with the layout they need.
+"""simple_gla's Mosaic TPU kernels behind one custom_vjp, with the layout they need (the Triton
+path lives in ``gpu.py``; it shares :func:`segment_masks`).
 
-The kernels (``gpu.py`` Triton, ``tpu.py`` Mosaic TPU) work on the kernel layout of
-``common.layout``: heads-major ``[B, H, Tp, Dp]``, T zero-padded to a multiple of the chunk with
-k = 0, g = 0 (exact: a padded token leaves the state alone), features zero-padded (exact) to
-``triton_width`` (a power of two >= 16) or ``tpu_width`` (a multiple of 128 lanes); the gate
-arrives as b, the log-decay cumulated inside each chunk (``chunk_cumsum``, in XLA). The chunk is
-the backend's ``DEFAULT_CHUNK`` (TPU: 128, one v5e MXU tile; ``simple_gla_tpu(chunk=256)`` for
-v6e); the TPU path casts fp16 inputs to bf16 (its MXU operand dtype, see ``tpu.py``).
+The kernels (``tpu.py``) work on the kernel layout of ``common.layout``: heads-major
+``[B, H, Tp, Dp]``, T zero-padded to a multiple of the chunk with k = 0, g = 0 (exact: a padded
+token leaves the state alone), features zero-padded (exact) to ``tpu_width`` (a multiple of 128
+lanes); the gate arrives as b, the log-decay cumulated inside each chunk (``chunk_cumsum``, in
+XLA). The chunk is ``tpu.DEFAULT_CHUNK`` = 128 (one v5e MXU tile; ``simple_gla_tpu(chunk=256)``
+for v6e); fp16 inputs are cast to bf16 (the MXU operand dtype, see ``tpu.py``).
 
 ``segment_ids`` become three per-token float masks (:func:`segment_masks`): document id, "still
 in the document that entered the chunk" and "in the chunk's last document", which remove
@@ -28,11 +28,10 @@ import jax.numpy as jnp
 from pallas_kernels import common
 from pallas_kernels.common import expand_groups, pad_axis
 from pallas_kernels.common.layout import (chunk_cumsum, from_kernel_layout, to_kernel_layout,
-                                          tpu_width, triton_width)
-from pallas_kernels.simple_gla import gpu as _gpu
+                                          tpu_width)
 from pallas_kernels.simple_gla import tpu as _tpu
 
-__all__ = ["simple_gla_triton", "simple_gla_tpu", "segment_masks"]
+__all__ = ["simple_gla_tpu", "segment_masks"]
 
 # impl: (forward, backward, chunk, feature width rule)
 _BACKENDS = {
@@ -108,13 +107,6 @@ def _run(impl, q, k, v, g, *, scale, initial_state, segment_ids, interpret, chun
                               to_kernel_layout(v, chunk, vp), to_kernel_layout(g, chunk), s0,
                               seg, impl, scale, interpret, chunk)
     return from_kernel_layout(o, t, vd).astype(v.dtype), s_final[:, :, :kd, :vd]
-
-
-def simple_gla_triton(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
-                      output_final_state=False, interpret=False):
-    """simple_gla through the Triton kernels (the frame's implementation contract)."""
-    return _run("triton", q, k, v, g, scale=_scale(q, scale), initial_state=initial_state,
-                segment_ids=segment_ids, interpret=interpret)
 
 
 def simple_gla_tpu(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
