@@ -38,6 +38,12 @@ residuals are its inputs, the per-block (M, S) and E. Blocks: Triton's
 (``supports``; 64 bounds the [b, K] operands of the recurrence kernels in shared memory); K and
 V are zero-padded to powers of two >= 16, up to 256 (``TABLE``). Dots: input-dtype operands
 (bf16, or fp32 as TF32 on a GPU), float32 accumulation; carried states float32.
+
+**Resources.** The table's gate case runs b = 64 (the largest shared memory and accumulators):
+every kernel passes the compile gate there on sm_80 / sm_90a / sm_100a. At b = 16, compiled by
+hand: on sm_90a ``fwd_o`` and ``bwd_dk`` use mma.sync, not wgmma (their dots have b = 16 rows,
+under wgmma's 64; at b = 16 both are memory-bound: ~b flops per byte of state read), and float32
+K = 256 ``bwd_dh`` spills (232 B on sm_80, 128 B on sm_90a).
 """
 
 from __future__ import annotations
