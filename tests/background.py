@@ -29,8 +29,9 @@ JOBS: dict[str, "Job"] = {}
 
 
 class Job:
-    """One script run: `args` (after `python`, `{dir}` replaced by the job's folder) with
-    PYTHONPATH at the repository root, `env` added to the environment."""
+    """One script run: `args` (after `python`; `{dir}` in them and in `env`'s values replaced by
+    the job's folder) with PYTHONPATH at the repository root, `env` added to the environment
+    (a None value removes that variable)."""
 
     def __init__(self, name: str, args: list, env: dict | None = None, timeout: float = 1800):
         self.name, self.args, self.env, self.timeout = name, list(args), dict(env or {}), timeout
@@ -46,7 +47,8 @@ class Job:
             self.dir = tempfile.mkdtemp(prefix=f"bg-{self.name}-")
             self._files = [open(os.path.join(self.dir, f"std{k}"), "w+") for k in ("out", "err")]
             args = [a.replace("{dir}", self.dir) for a in self.args]
-            env = {**os.environ, "PYTHONPATH": ROOT, **self.env}
+            env = {k: v.replace("{dir}", self.dir) for k, v in
+                   {**os.environ, "PYTHONPATH": ROOT, **self.env}.items() if v is not None}
             self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
                                          stdout=self._files[0], stderr=self._files[1])
 

@@ -1,22 +1,33 @@
 """Starts the subprocess checks of the collected tests in the background (tests/background.py).
 
 A test module maps each fixture that waits for `background.Job`s to those jobs in
-`BACKGROUND_JOBS` ({fixture name: [Job]}); once collection (and -k / -m selection) is done,
-the jobs of the fixtures that the selected tests use run one after another beside the suite,
-in the order the suite reaches them.
+`BACKGROUND_JOBS` ({fixture name: [Job]}); tests marked `@offload` (tests/offload.py) run in
+one more pytest process. Once collection (and -k / -m selection) is done, the jobs that the
+selected tests need run one after another beside the suite, in the order the suite reaches
+them.
 """
 
-from tests import background
+from tests import background, offload
 
 
 def pytest_collection_finish(session):
-    jobs = []
+    if offload.inner():
+        return
+    jobs, offloaded = [], [item for item in session.items
+                           if getattr(getattr(item, "obj", None), "offloaded", False)]
     for item in session.items:
+        if offloaded and item is offloaded[0]:
+            jobs.append(offload.job_for([i.nodeid for i in offloaded]))
         needs = getattr(getattr(item, "module", None), "BACKGROUND_JOBS", {})
         for fixture in getattr(item, "fixturenames", ()):
             jobs += [j for j in needs.get(fixture, ()) if j not in jobs]
     if jobs:
         background.run_in_order(jobs)
+
+
+def pytest_runtest_logreport(report):
+    if offload.inner():
+        offload.record(report)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -13,6 +13,7 @@ from jax.extend import core as jcore
 from jax.tree_util import DictKey
 
 from layers.common import Linear
+from tests.offload import offload
 from tests.tolerance import assert_close
 from zoo import LM, ModelConfig, cross_entropy, get_mixer, hybrid_pattern, known_mixers
 
@@ -64,6 +65,7 @@ def test_packing_equals_separate_sequences(name, options):
     assert_close(packed[:, 5:11], b, jnp.float32, name=f"{name} doc 2")
 
 
+@offload
 @pytest.mark.parametrize("name", MIXERS + ("gdn 3:1 hybrid",))
 def test_two_layer_model_trains(name):
     """Every mixer in a 2-layer model, and a 4-layer 3:1 GDN/attention hybrid."""
@@ -86,6 +88,7 @@ def test_two_layer_model_trains(name):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+@offload
 def test_generation_with_caches_equals_repeated_forward_for_every_mixer():
     """Greedy decoding with caches == argmax of a full forward pass over the growing sequence
     (right-padded to one length, padding masked by segment_ids, so it compiles once)."""
