@@ -20,6 +20,7 @@ from pallas_kernels.attention import gpu
 from pallas_kernels.attention.gpu import segment_offsets
 from pallas_kernels.attention.memory import fwd_bwd_memory
 from pallas_kernels.attention.tpu import attention_splash
+from tests.offload import offload
 from tests.op_suite import TARGETS, segments
 from tests.tolerance import assert_close
 
@@ -111,6 +112,7 @@ def test_sliding_window_cache_is_a_ring_of_w_slots():
     assert _layer(None).init_cache(2, 16)["k"].shape[1] == 16
 
 
+@offload
 def test_layer_bf16_close_to_fp32():
     x = jax.random.normal(jax.random.key(4), (2, 9, 32))
     m32, m16 = _layer(3), _layer(3, jnp.bfloat16)

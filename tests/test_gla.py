@@ -20,6 +20,7 @@ from pallas_kernels.common.decay import FACTOR_SPREAD, decayed_scores
 from pallas_kernels.gla import gla, gla_step
 from pallas_kernels.gla.chunked import gla_chunked
 from pallas_kernels.gla.reference import gla_reference
+from tests.offload import offload
 from tests.op_suite import OpSuite
 from tests.tolerance import assert_close
 
@@ -84,6 +85,7 @@ def _strong_gates(key, B, T, HV, K):
     return g.at[..., 4:6].set(jnp.where(spikes, -150.0, g[..., 4:6]))
 
 
+@offload
 def test_strong_decay_long_sequence():
     """T = 4096, cumulative decays of −100 and far below inside every chunk next to g = 0
     channels: the sub-chunk path of ``decayed_scores`` keeps every value and gradient finite
@@ -117,6 +119,7 @@ def _sizes_case(strong):
     return args, _vjp_fn("reference")(*args)
 
 
+@offload
 @pytest.mark.parametrize("chunk,sub,rows", [
     (32, 8, 128),           # blocks of 2 chunks (the last one partly padding)
     (24, 16, 48),           # a sub-chunk that does not divide the chunk; blocks of 1 chunk

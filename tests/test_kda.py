@@ -15,6 +15,7 @@ from jax.experimental import checkify
 from pallas_kernels.gated_delta import gated_delta_rule
 from pallas_kernels.kda import kda, kda_step
 from pallas_kernels.kda.chunked import kda_chunked
+from tests.offload import offload
 from tests.op_suite import OpSuite
 from tests.tolerance import assert_close
 
@@ -59,6 +60,7 @@ def _vjp(fn, args, seed=9):
     return out, pull(cts)
 
 
+@offload
 def test_strong_decay_long_sequence():
     """T = 4096 at the default chunk size: per-channel decays whose in-chunk cumulative sum
     reaches −100 and far below (steady −4 and −35 per token, single tokens of −60) beside channels
@@ -92,6 +94,7 @@ def test_strong_decay_long_sequence():
         assert_close(a, e, F32, "grad", name)
 
 
+@offload
 def test_reduces_to_gated_delta_rule():
     """g_t the same for every key channel is gated_delta_rule with that scalar g: row 0 has
     g = 0 (DeltaNet), row 1 a random scalar gate per head and token; packed documents and an

@@ -36,6 +36,7 @@ CASES = [(n, {}) for n in MIXERS] + [("attn", {"conv_size": 4}), ("swa", {"conv_
 IDS = [n + "".join(f"-{k}{v}" for k, v in o.items()) for n, o in CASES]
 
 
+@offload
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_prefill_then_decode_equals_forward(name, options):
     layer = _layer(name, options)
@@ -53,6 +54,7 @@ def test_prefill_then_decode_equals_forward(name, options):
         assert_close(yt[1, 0], full[1, 5 + s], jnp.float32, name=f"{name} decode {s} row 1")
 
 
+@offload
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_packing_equals_separate_sequences(name, options):
     layer = _layer(name, options)

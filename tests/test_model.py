@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from layers.common import CausalConv1d, positions_from_segments
+from tests.offload import offload
 from tests.tolerance import assert_close
 from zoo import LM, ConfigError, ModelConfig, count_params, generate, hybrid_pattern, known_mixers
 
@@ -69,6 +70,7 @@ def test_conv_cache_and_segments():
     assert_close(packed[:, 4:], second, jnp.float32)
 
 
+@offload
 def test_lm_packing_equals_separate_sequences():
     m = LM(tiny_cfg(layer_types=("swa", "attn")), rngs=nnx.Rngs(0))
     toks = jax.random.randint(jax.random.key(1), (1, 11), 0, 256)
@@ -80,6 +82,7 @@ def test_lm_packing_equals_separate_sequences():
     assert_close(packed[:, 6:10], b, jnp.float32)
 
 
+@offload
 def test_generate_samples_with_top_k_top_p():
     """(greedy generation == repeated forward passes, for every mixer, is in test_mixers.py)"""
     m = LM(tiny_cfg(layer_types=("swa", "attn")), rngs=nnx.Rngs(0))

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from layers.common import Constant
 from layers.partitioning import ACTIVATION_RULES, PARAM_RULES, constrain, spec_for
 from tests import background
+from tests.offload import offload
 from tests.tolerance import assert_close
 from train.sharding import RULES, no_decay_mask, trainable_mask
 from zoo import LM, ConfigError, ModelConfig
@@ -76,6 +77,7 @@ def test_dtype_auto_and_remat_strings():
     assert layer_period(HYBRID * 2) == 4 and layer_period(("a", "b", "a")) == 3
 
 
+@offload
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_policies_save_less_and_agree(scan):
     """Residual bytes shrink none > save_dots > full; loss and grads are the same (remat
@@ -99,6 +101,7 @@ def test_remat_policies_save_less_and_agree(scan):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
+@offload
 def test_scanned_equals_looped():
     """Same seed -> the scanned model holds the looped weights stacked; forward and grads match."""
     looped = LM(cfg(), rngs=nnx.Rngs(0))
@@ -152,6 +155,7 @@ def test_fallbacks_to_the_loop():
     assert not m.scanned and len(m.blocks) == 2
 
 
+@offload
 def test_lightning_decays_are_stacked_constants():
     looped = LM(cfg(n_layers=4, layer_types=("lightning",) * 4), rngs=nnx.Rngs(0))
     scanned = LM(cfg(n_layers=4, layer_types=("lightning",) * 4, scan_layers=True),
@@ -174,6 +178,7 @@ def test_lightning_decays_are_stacked_constants():
     assert_close(b, a, jnp.float32)
 
 
+@offload
 def test_layout_change_is_refused_on_resume(tmp_path):
     from tests.train_utils import tiny_config
     from train.checkpoint import CheckpointError

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests import background
+from tests.offload import offload
 from tests.train_utils import tiny_config
 from train import train_and_evaluate
 from train.checkpoint import CheckpointError
@@ -16,7 +17,7 @@ from train.data import DataError
 from zoo.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every interpret-mode kernel under a batch-sharded jit: runs beside the suite (tests/background.py).
+# Every interpret-mode kernel under a batch-sharded jit, beside the suite (tests/background.py).
 SHARDED = background.job("sharded_kernels_batch", ["tests/sharded_kernels.py"], timeout=600)
 BACKGROUND_JOBS = {"sharded_kernel_errors": [SHARDED]}
 
@@ -27,6 +28,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@offload
 def test_run_resumes_exactly(tmp_path):
     """Kill after the step-3 checkpoint (step 6's is lost), restart: the same next losses."""
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
@@ -95,6 +97,7 @@ def test_cli_unknown_field_names_the_known_ones():
     assert "'steps'" in out.stderr
 
 
+@offload
 def test_bf16_compute_keeps_float32_parameters(tmp_path):
     cfg = tiny_config(steps=3)
     cfg.model.dtype = "bfloat16"
