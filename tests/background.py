@@ -12,12 +12,14 @@ check changes: the same script, arguments and assertions, only earlier.
 
 A job's stdout and stderr go to files in its own temporary folder (an unread pipe that fills
 would block it); `{dir}` in its arguments is that folder. Jobs still running when pytest ends
-are killed, and the folders removed.
+are killed (also when pytest itself is killed), and the folders removed.
 """
 
 import atexit
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,16 @@ import threading
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOCK = threading.Lock()
 JOBS: dict[str, "Job"] = {}
+_STOPPED = threading.Event()     # set at the end of the session: nothing starts after it
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL when pytest dies, even by a signal that skips atexit
+    (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 class Job:
@@ -42,7 +54,7 @@ class Job:
     def start(self):
         """Start the process unless it is running or done (thread-safe, idempotent)."""
         with _LOCK:
-            if self.proc is not None:
+            if self.proc is not None or _STOPPED.is_set():
                 return
             self.dir = tempfile.mkdtemp(prefix=f"bg-{self.name}-")
             self._files = [open(os.path.join(self.dir, f"std{k}"), "w+") for k in ("out", "err")]
@@ -50,11 +62,14 @@ class Job:
             env = {k: v.replace("{dir}", self.dir) for k, v in
                    {**os.environ, "PYTHONPATH": ROOT, **self.env}.items() if v is not None}
             self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                                         stdout=self._files[0], stderr=self._files[1])
+                                         stdout=self._files[0], stderr=self._files[1],
+                                         preexec_fn=_die_with_parent)
 
     def wait(self) -> tuple[int, str, str]:
         """(returncode, stdout, stderr), starting the job first if nothing has."""
         self.start()
+        if self.proc is None:
+            return -1, "", f"{self.name}: not started, the session is ending"
         try:
             rc = self.proc.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired:
@@ -91,6 +106,8 @@ def run_in_order(jobs: list) -> threading.Thread:
     def worker():
         for j in jobs:
             j.start()
+            if j.proc is None:    # the session ended
+                return
             j.proc.wait()
     thread = threading.Thread(target=worker, name="background-jobs", daemon=True)
     thread.start()
@@ -99,5 +116,7 @@ def run_in_order(jobs: list) -> threading.Thread:
 
 @atexit.register
 def stop_all():
+    with _LOCK:
+        _STOPPED.set()
     for j in list(JOBS.values()):
         j.stop()
