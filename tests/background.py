@@ -1,14 +1,16 @@
 """Subprocess checks that run beside the suite, on the CI machine's second core.
 
 Most of the suite runs in one pytest process, one core busy at a time (an XLA compile is
-single-threaded); CI has two. The heavy checks that already run as scripts in their own
-process (8 simulated devices: tests/scale_check.py, tests/sharded_kernels.py,
-tests/model_sharding_check.py) are declared here as `Job`s. Once pytest has collected the
-tests, tests/conftest.py starts the jobs those tests need, one after another, in a background
-thread; the test's fixture then waits for its job's result, which is usually ready by the
-time the suite reaches it. A fixture that needs a job the queue has not started yet starts it
-at once (then two run side by side, as a fixture would have run them anyway). Nothing about a
-check changes: the same script, arguments and assertions, only earlier.
+single-threaded); CI has two. The heavy checks that run as scripts in their own process
+(8 simulated devices, several processes, training runs: tests/scale_check.py,
+tests/sharded_kernels.py, tests/model_sharding_check.py, tests/multihost_runs.py, ...) are
+declared here as `Job`s, and tests/offload.py runs slow in-process tests in one more pytest
+process, also a Job. Once pytest has collected the tests, tests/conftest.py starts the jobs
+those tests need: the offloaded tests' run and, in a second thread, the scripts one after
+another in the order the suite reaches them, all at nice 10, so the suite's own process keeps
+its core. A test's fixture then waits for its job's result, which is usually ready by the time
+the suite reaches it; a fixture that needs a job the queue has not started yet starts it at
+once. Nothing about a check changes: the same script, arguments and assertions, only earlier.
 
 A job's stdout and stderr go to files in its own temporary folder (an unread pipe that fills
 would block it); `{dir}` in its arguments is that folder. Jobs still running when pytest ends
@@ -31,9 +33,11 @@ JOBS: dict[str, "Job"] = {}
 _STOPPED = threading.Event()     # set at the end of the session: nothing starts after it
 
 
-def _die_with_parent():
-    """In the child before exec: SIGKILL when pytest dies, even by a signal that skips atexit
-    (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+def _child_setup():
+    """In the child before exec: a lower priority (nice 10), so that the suite's own process
+    keeps its core and the jobs take the idle one; SIGKILL when pytest dies, even by a signal
+    that skips atexit (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    os.nice(10)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -63,7 +67,7 @@ class Job:
                    {**os.environ, "PYTHONPATH": ROOT, **self.env}.items() if v is not None}
             self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
                                          stdout=self._files[0], stderr=self._files[1],
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_child_setup)
 
     def wait(self) -> tuple[int, str, str]:
         """(returncode, stdout, stderr), starting the job first if nothing has."""

@@ -2,9 +2,9 @@
 
 A test module maps each fixture that waits for `background.Job`s to those jobs in
 `BACKGROUND_JOBS` ({fixture name: [Job]}); tests marked `@offload` (tests/offload.py) run in
-one more pytest process. Once collection (and -k / -m selection) is done, the jobs that the
-selected tests need run one after another beside the suite, in the order the suite reaches
-them.
+one more pytest process. Once collection (and -k / -m selection) is done, that process
+starts, and in a second queue the jobs that the selected tests need run one after another
+beside the suite, in the order the suite reaches them.
 """
 
 from tests import background, offload
@@ -13,11 +13,12 @@ from tests import background, offload
 def pytest_collection_finish(session):
     if offload.inner():
         return
-    jobs, offloaded = [], [item for item in session.items
-                           if getattr(getattr(item, "obj", None), "offloaded", False)]
+    offloaded = [item.nodeid for item in session.items
+                 if getattr(getattr(item, "obj", None), "offloaded", False)]
+    if offloaded:
+        background.run_in_order([offload.job_for(offloaded)])
+    jobs = []
     for item in session.items:
-        if offloaded and item is offloaded[0]:
-            jobs.append(offload.job_for([i.nodeid for i in offloaded]))
         needs = getattr(getattr(item, "module", None), "BACKGROUND_JOBS", {})
         for fixture in getattr(item, "fixturenames", ()):
             jobs += [j for j in needs.get(fixture, ()) if j not in jobs]
