@@ -468,7 +468,8 @@ def gated_delta_bwd_wy(q_ptr, k_ptr, beta_ptr, g_ptr, docs_ptr, carry_ptr, tail_
     da = -tl.dot(tl.dot(tt, dt.to(DT)).to(DT), tt)                        # −Tᵀ dT Tᵀ
     strict = r[:, None] > r[None, :]
     kkd = tl.where(strict, kk * decay, 0.0)
-    dbeta = tl.sum(da * kkd, axis=1) + gamma * s_bk + tl.load(sbv_ptr + (b * Tp + c * C + r) * HV + hh)
+    s_bv = tl.load(sbv_ptr + (b * Tp + c * C + r) * HV + hh)
+    dbeta = tl.sum(da * kkd, axis=1) + gamma * s_bk + s_bv
     dkk = tl.where(strict, beta[:, None] * da, 0.0) * decay
     tl.store(dkk_ptr + sq, dkk)
     dd_kk = dkk * kk                                                     # ddecay ⊙ decay, A's
