@@ -4,7 +4,6 @@ the mesh check; `train.distributed.initialize`'s argument errors; workdirs throu
 import ast
 import json
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -13,14 +12,13 @@ import numpy as np
 import pytest
 from etils import epath
 
+from tests import background
+from tests.multihost_runs import CLUSTER_VARS as _CLUSTER_VARS
 from train.distributed import check_batch_axes, detected_cluster, initialize
 from train.metrics import MetricsWriter
 from zoo.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "multihost_train.py")
-_CLUSTER_VARS = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST",
-                 "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "JAX_COORDINATOR_ADDRESS")
 
 
 def _result(out: str, err: str) -> dict:
@@ -29,36 +27,30 @@ def _result(out: str, err: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_two_processes_train_evaluate_and_resume_like_one(tmp_path):
+# The three training processes, launched beside the suite (tests/background.py).
+RUNS = background.job("multihost_runs", ["tests/multihost_runs.py", "{dir}"], timeout=900)
+BACKGROUND_JOBS = {"multihost_runs": [RUNS]}
+
+
+@pytest.fixture
+def multihost_runs():
+    """tests/multihost_runs.py's {"single" | "p0" | "p1": {"rc", "out", "err"}}."""
+    rc, _, err = RUNS.wait()
+    assert rc == 0, err[-3000:]
+    with open(RUNS.path("runs.json")) as f:
+        return json.load(f)
+
+
+def test_two_processes_train_evaluate_and_resume_like_one(multihost_runs):
     """A (2, 2, 2) mesh over 2 processes x 4 devices: the same loss at every logged step, the
     same eval_loss and eval_tokens as 1 process x 8 devices; a mesh with fewer batch shards
     than processes is refused; deleting the last checkpoint, the 2-process run resumes from the
     one before and logs the same losses again. Both runs take the workdir as an epath.Path
     with os.path & co. forbidden on it (multihost_train.py)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_VARS + ("XLA_FLAGS",)}
-    logs = {n: (open(tmp_path / f"{n}.out", "w+"), open(tmp_path / f"{n}.err", "w+"))
-            for n in ("single", "p0", "p1")}
-    args = {"single": ["single", str(tmp_path / "one")],
-            "p0": ["multi", str(tmp_path / "two"), "0", str(port)],
-            "p1": ["multi", str(tmp_path / "two"), "1", str(port)]}
-    # Output to files: an unread pipe that fills would block a process inside a collective.
-    procs = {n: subprocess.Popen([sys.executable, SCRIPT, *a], cwd=ROOT, env=env, text=True,
-                                 stdout=logs[n][0], stderr=logs[n][1]) for n, a in args.items()}
-    try:
-        for p in procs.values():
-            p.wait(timeout=600)
-    finally:
-        for p in procs.values():
-            p.kill()
-    text = {}
-    for n, (out, err) in logs.items():
-        out.seek(0), err.seek(0)
-        text[n] = (out.read(), err.read())
-    assert all(p.returncode == 0 for p in procs.values()), {n: e[-3000:] for n, (_, e) in
-                                                            text.items()}
+    runs = multihost_runs
+    assert all(r["rc"] == 0 for r in runs.values()), {n: r["err"][-3000:]
+                                                        for n, r in runs.items()}
+    text = {n: (r["out"], r["err"]) for n, r in runs.items()}
     one, two = _result(*text["single"]), _result(*text["p0"])
     assert (one["processes"], one["devices"], two["processes"], two["devices"]) == (1, 8, 2, 8)
     assert sorted(two["losses"]) == sorted(one["losses"]) == ["1", "2", "3", "4"]

@@ -2,7 +2,8 @@
 measured matmul peak (train/peak.py) and the train-step benchmark (scripts/bench_train.py).
 
 The 8-device plans run the script in a subprocess (it sets
-XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax); the expected
+XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax), started beside the
+suite once collected like the benchmark (tests/background.py); the expected
 per-device bytes are computed here, independently, from the parameters' logical axes on an
 abstract mesh of the same shape (no devices needed)."""
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from tests import background
 from train.cli_config import load_config_file
 from zoo.config import ConfigError
 
@@ -31,11 +33,53 @@ TINY_OVERRIDES = ["--config.model.n_layers=2", "--config.model.d_model=64",
                   "--config.data.seq_len=64", "--config.train.batch_size=8"]
 
 
+_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": None}   # the script sets its own device count
+
+
 def _script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, os.path.join(SCRIPTS, name), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# The compiling script runs start beside the suite once collected (tests/background.py); each
+# writes its JSON into the job's folder.
+PLAN_TINY = background.job("plan_tiny", [
+    "scripts/plan_memory.py", "--config", TINY, "--mesh", "2,2,2", "--devices", "8", "--device",
+    "v5e-16g", "--json", "{dir}/plan.json", *TINY_OVERRIDES], env=_ENV, timeout=600)
+PLAN_1P3B = background.job("plan_1p3b", [
+    "scripts/plan_memory.py", "--config", "configs/lm.py:size=1.3B,mixer=gdn,ratio=3", "--mesh",
+    "1,8,1", "--devices", "8", "--device", "h100-80g", "--json", "{dir}/plan.json",
+    "--config.train.batch_size=8", "--config.data.seq_len=256"], env=_ENV, timeout=1800)
+BENCH = background.job("bench_train_tiny", [
+    "scripts/bench_train.py", "--sizes", "tiny", "--mixers", "swa:1", "--lengths", "64",
+    "--steps", "1", "--tokens", "128", "--json", "{dir}/bench.json", "--no-pin"], env=_ENV,
+    timeout=600)
+BACKGROUND_JOBS = {"plan_tiny": [PLAN_TINY], "plan_1p3b": [PLAN_1P3B], "bench_tiny": [BENCH]}
+
+
+def _json_of(job, name):
+    """(the JSON the job wrote to `name`, its stdout)."""
+    rc, out, err = job.wait()
+    assert rc == 0, err[-3000:]
+    with open(job.path(name)) as f:
+        return json.load(f), out
+
+
+@pytest.fixture
+def plan_tiny():
+    return _json_of(PLAN_TINY, "plan.json")
+
+
+@pytest.fixture
+def plan_1p3b():
+    return _json_of(PLAN_1P3B, "plan.json")[0]
+
+
+@pytest.fixture
+def bench_tiny():
+    return _json_of(BENCH, "bench.json")[0]
 
 
 def _expected_param_bytes(config_spec: str, overrides: dict, mesh_shape) -> tuple[int, int]:
@@ -64,15 +108,11 @@ def _expected_param_bytes(config_spec: str, overrides: dict, mesh_shape) -> tupl
     return shard, full
 
 
-def test_plan_tiny_on_8_devices_matches_the_shardings(tmp_path):
+def test_plan_tiny_on_8_devices_matches_the_shardings(plan_tiny):
     """(2,2,2): params_bytes is Σ of the shards' bytes, every moment is sharded like its
     parameter (optimizer = 2 × params + the step counters), the arguments are exactly the state
     plus this device's batch rows, and total = arguments + outputs − aliased + temp."""
-    out = tmp_path / "plan.json"
-    r = _script("plan_memory.py", "--config", TINY, "--mesh", "2,2,2", "--devices", "8",
-                "--device", "v5e-16g", "--json", str(out), *TINY_OVERRIDES)
-    assert r.returncode == 0, r.stderr[-3000:]
-    plan = json.loads(out.read_text())
+    plan, stdout = plan_tiny
     assert {"n_params", "per_device", "compiler", "device", "fits"} <= set(plan)
     per = plan["per_device"]
     assert {"params_bytes", "optimizer_bytes", "temp_bytes", "total_bytes"} <= set(per)
@@ -93,7 +133,7 @@ def test_plan_tiny_on_8_devices_matches_the_shardings(tmp_path):
     assert per["temp_bytes"] > 0
     assert plan["fits"] is True and plan["device"] == "v5e-16g"
     assert "cpu" in plan["compiler"] and "8 simulated" in plan["compiler"]
-    assert "per device:" in r.stdout and "v5e-16g: fits" in r.stdout
+    assert "per device:" in stdout and "v5e-16g: fits" in stdout
 
 
 def test_plan_rejects_a_bad_mesh_before_compiling():
@@ -103,15 +143,10 @@ def test_plan_rejects_a_bad_mesh_before_compiling():
 
 
 @pytest.mark.slow
-def test_plan_1p3b_gdn_hybrid_on_1_8_1(tmp_path):
+def test_plan_1p3b_gdn_hybrid_on_1_8_1(plan_1p3b):
     """The 1.3B 3:1 GDN hybrid on (1,8,1): the optimizer state per device is ≤ 1.3 × 1/8 of
     the whole (the moments are fsdp-sharded like their parameters)."""
-    out = tmp_path / "plan.json"
-    r = _script("plan_memory.py", "--config", "configs/lm.py:size=1.3B,mixer=gdn,ratio=3",
-                "--mesh", "1,8,1", "--devices", "8", "--device", "h100-80g", "--json", str(out),
-                "--config.train.batch_size=8", "--config.data.seq_len=256", timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    plan = json.loads(out.read_text())
+    plan = plan_1p3b
     total_opt = 2 * 4 * plan["n_params"]                      # mu + nu, float32
     assert plan["n_params"] > 1.0e9
     assert plan["per_device"]["optimizer_bytes"] <= 1.3 * total_opt / 8
@@ -165,12 +200,8 @@ def test_measured_peak_is_positive_and_cached():
     assert matmul_flops_per_s(64, 32, 16, jnp.float32, reps=1) > 0
 
 
-def test_bench_train_one_tiny_case_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    r = _script("bench_train.py", "--sizes", "tiny", "--mixers", "swa:1", "--lengths", "64",
-                "--steps", "1", "--tokens", "128", "--json", str(out), "--no-pin")
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(out.read_text())
+def test_bench_train_one_tiny_case_writes_json(bench_tiny):
+    res = bench_tiny
     assert res["backend"] == "cpu" and res["peak_flops"] > 0
     (case,) = res["cases"]
     assert case["layer_types"] == ["swa", "attn", "swa", "attn"]

@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import types
 
 import numpy as np
 import pytest
 
-from configs import lm
+from tests import background
+from tests.offload import offload
 from tests.test_data import _FakeHF
 from tests.train_utils import tiny_config
 from train import train_and_evaluate
@@ -25,19 +25,9 @@ from train.restore import restore_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A run slow enough (~50 ms a step on 2 cores) that a signal lands mid-run.
-_OVERRIDES = dict(model=dict(d_model=64, n_layers=2, num_heads=2),
-                  data=dict(seq_len=128, max_bytes=400_000),
-                  train=dict(steps=40, batch_size=16, warmup_steps=4, log_every=1, eval_batches=1),
-                  checkpoint=dict(every=1000))
-
-
-def _cli_args(workdir):
-    args = ["-m", "train", "--config", os.path.join(ROOT, "configs", "lm.py") + ":size=tiny",
-            "--workdir", workdir]
-    for section, fields in _OVERRIDES.items():
-        args += [f"--config.{section}.{k}={v}" for k, v in fields.items()]
-    return args
+# The SIGINT / SIGTERM sequence: five CLI runs in a script beside the suite (tests/background.py).
+SIGNALS = background.job("signal_runs", ["tests/signal_runs.py", "{dir}"], timeout=1500)
+BACKGROUND_JOBS = {"signal_runs": [SIGNALS]}
 
 
 def _losses(workdir):
@@ -46,35 +36,24 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _run_and_signal(workdir, signals, after_step):
-    """Start the CLI, send `signals` once it has printed `after_step` steps; (rc, out, err)."""
-    proc = subprocess.Popen([sys.executable, *_cli_args(workdir)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    lines, seen = [], 0
-    for line in proc.stdout:
-        lines.append(line)
-        m = re.match(r"step\s+(\d+)/", line)
-        if m:
-            seen += 1
-            if seen == after_step:
-                for s in signals:
-                    proc.send_signal(s)
-                    time.sleep(0.01)
-                break
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, "".join(lines) + out, err
+@pytest.fixture
+def signal_runs():
+    rc, _, err = SIGNALS.wait()
+    assert rc == 0, err[-3000:]
+    with open(SIGNALS.path("signals.json")) as f:
+        return json.load(f)
 
 
-def test_sigint_and_sigterm_save_and_the_rerun_resumes_exactly(tmp_path):
-    straight = str(tmp_path / "straight")
-    cfg = lm.get_config("size=tiny")
-    for section, fields in _OVERRIDES.items():
-        cfg[section].update(fields)
-    train_and_evaluate(cfg, straight)
-
-    run = str(tmp_path / "run")
+def test_sigint_and_sigterm_save_and_the_rerun_resumes_exactly(signal_runs):
+    """tests/signal_runs.py: a straight 40-step CLI run; the same command SIGINTed after 3
+    steps, SIGTERMed after 3 more, hit by two SIGINTs, then run to the end."""
+    r = signal_runs
+    assert r["straight_rc"] == 0, r["straight_err"]
+    straight, run = r["straight"], r["run"]
     ckpts = os.path.join(run, "checkpoints")
-    rc, out, err = _run_and_signal(run, [signal.SIGINT], after_step=3)
+    sigint, sigterm, twice, final = r["runs"]
+
+    rc, err = sigint["rc"], sigint["err"]
     assert rc == 130, err[-2000:]
     m = re.search(r"stopped: SIGINT at step (\d+)/40: saved checkpoint (\S+); run the same "
                   r"command to resume \(exit 130\)", err)
@@ -82,22 +61,20 @@ def test_sigint_and_sigterm_save_and_the_rerun_resumes_exactly(tmp_path):
     first = int(m.group(1))
     assert 3 <= first < 40 and m.group(2) == os.path.join(ckpts, str(first))
     assert "Traceback" not in err
-    assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) == [first]
+    assert sigint["checkpoints"] == [first]
 
-    rc, out, err = _run_and_signal(run, [signal.SIGTERM], after_step=3)
+    rc, out, err = sigterm["rc"], sigterm["out"], sigterm["err"]
     assert rc == 143, err[-2000:]
     assert f"resumed from step {first}" in out
     second = int(re.search(r"stopped: SIGTERM at step (\d+)/40", err).group(1))
     assert second > first
 
     # Two Ctrl-C: abort at once, nothing new saved.
-    rc, out, err = _run_and_signal(run, [signal.SIGINT, signal.SIGINT], after_step=2)
+    rc, err = twice["rc"], twice["err"]
     assert rc == 130 and "SIGINT again: aborting now without saving" in err, err[-2000:]
-    assert max(int(s) for s in os.listdir(ckpts) if s.isdigit()) == second
+    assert max(twice["checkpoints"]) == second
 
-    out = subprocess.run([sys.executable, *_cli_args(run)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert final["rc"] == 0, final["err"][-2000:]
     a, b = _losses(straight), _losses(run)
     assert sorted(b) == list(range(1, 41)), "every step logged once"
     np.testing.assert_allclose([b[s] for s in range(1, 41)], [a[s] for s in range(1, 41)],
@@ -194,6 +171,7 @@ def test_the_tokenizer_file_travels_with_the_checkpoint(tmp_path, monkeypatch):
         restore_run(run)
 
 
+@offload
 def test_an_mqar_run_reports_recall_accuracy(tmp_path):
     from configs import mqar
     from train.recall import recall_accuracy
@@ -210,6 +188,7 @@ def test_an_mqar_run_reports_recall_accuracy(tmp_path):
     assert final["recall_accuracy"] == pytest.approx(expected, abs=1e-6)
 
 
+@offload
 def test_two_hosts_stop_at_the_same_step_when_one_is_signalled(tmp_path):
     """Two processes (gloo collectives on CPU); SIGINT reaches only process 1, yet both stop
     at one step and write one checkpoint."""

@@ -10,33 +10,30 @@ import pytest
 from configs.ablations import hybrid_ratio, layer_swap
 from configs.ablations import recall as recall_sweep
 from scripts import ablate
+from tests import background
+from tests.sweep_tiny import tiny_sweep as _tiny_sweep
 from train.sweep import SweepError, chosen_lr, collect_rows, parse_shard, plan_jobs, run_jobs
 from zoo.config import ConfigError
 
 
-def _tiny_sweep(lrs=(3e-3,), lm=True):
-    c = hybrid_ratio.get_config("preset=cpu")
-    c.model.update(dict(d_model=16, num_heads=2, window=16))
-    c.cells = (dict(name="gdn_r1", layer_types="gdn,attn"),
-               dict(name="attn_all", layer_types="attn,attn"))
-    c.mqar.update(dict(train_cells="16:2,32:4", eval_cells="16:2,32:4,64:8", steps=2,
-                       batch_size=8, warmup_steps=1, lrs=lrs, eval_examples=8,
-                       heldout_examples=16, eval_batches=1, val_batches=1, log_every=1,
-                       checkpoint_every=2, vocab_size=64))
-    if lm:
-        c.lm.update(dict(seq_len=32, steps=2, batch_size=8, warmup_steps=1, max_bytes=200_000,
-                         eval_batches=1, log_every=1, checkpoint_every=2,
-                         passkey_lengths=(128,), passkey_trials=1))
-    else:
-        c.lm = None
-    return c
+# The end-to-end sweep trains its tiny jobs through the CLI, beside the suite
+# (tests/background.py).
+SWEEP = background.job("sweep_end_to_end", ["scripts/ablate.py", "--config",
+                                            "tests/sweep_tiny.py", "--workdir", "{dir}/sweep"],
+                       timeout=1200)
+BACKGROUND_JOBS = {"swept": [SWEEP]}
 
 
-def test_a_two_cell_sweep_runs_end_to_end(tmp_path, monkeypatch):
-    sweep = _tiny_sweep()
-    monkeypatch.setattr("train.cli_config.load_config_file", lambda spec: sweep)
-    wd = str(tmp_path / "sweep")
-    assert ablate.main(["--config", "x.py", "--workdir", wd]) == 0
+@pytest.fixture
+def swept():
+    """The end-to-end run's workdir."""
+    rc, _, err = SWEEP.wait()
+    assert rc == 0, err[-3000:]
+    return SWEEP.path("sweep")
+
+
+def test_a_two_cell_sweep_runs_end_to_end(swept):
+    sweep, wd = _tiny_sweep(), swept
     with open(os.path.join(wd, "results.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [r["cell"] for r in rows] == ["gdn_r1", "attn_all"]
