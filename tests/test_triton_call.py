@@ -118,3 +118,34 @@ def test_the_dce_shim_keeps_every_input_with_two_or_three_arguments():
     dced, used_inputs = pe.dce_jaxpr(closed.jaxpr, [True])
     assert used_inputs == [True, True] and any(
         e.primitive is jt.triton_lib.triton_kernel_call_p for e in dced.eqns)
+
+
+@interpreted
+def test_interpreter_keeps_each_pointers_dtype_across_calls():
+    """int32 and float32 inputs in alternating positions, many calls: every pointer keeps its
+    element type. (The gated delta rule's wrapper saw int32 and float32 pointers mixed up at
+    random with a fresh dtype object per array; one object per dtype fixed it there. This
+    small case passes either way: it guards the adapter's dtype mapping.)"""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ids_first(ids_ptr, x_ptr, o_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        ids, x = tl.load(ids_ptr + i), tl.load(x_ptr + i)
+        tl.store(o_ptr + i, tl.where(ids == 1, x, 0.0) + ids.to(tl.float32))
+
+    @triton.jit
+    def x_first(x_ptr, ids_ptr, o_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        ids, x = tl.load(ids_ptr + i), tl.load(x_ptr + i)
+        tl.store(o_ptr + i, tl.where(ids == 1, x, 0.0) + ids.to(tl.float32))
+
+    x = jnp.arange(64, dtype=jnp.float32) / 7
+    ids = (jnp.arange(64) % 3).astype(jnp.int32)
+    want = np.where(np.asarray(ids) == 1, np.asarray(x), 0.0) + np.asarray(ids, np.float32)
+    out = [jax.ShapeDtypeStruct((64,), jnp.float32)]
+    for i in range(16):
+        args = (ids_first, ids, x) if i % 2 else (x_first, x, ids)
+        o, = triton_call.launch(*args, out_shape=out, grid=(1,), interpret=True, N=64)
+        np.testing.assert_array_equal(np.asarray(o), want)

@@ -116,15 +116,24 @@ _TORCH_DTYPES = {"float32": "float32", "float64": "float64", "float16": "float16
 
 
 class _TorchDtypeName:
-    """The dtype of a :class:`_HostArray` as Triton's argument specialiser reads it ("torch.x")."""
+    """The dtype of a :class:`_HostArray` as Triton's argument specialiser reads it ("torch.x").
 
-    def __init__(self, dtype: np.dtype):
-        self.name = _TORCH_DTYPES[np.dtype(dtype).name]
+    One object per dtype (:func:`_dtype_of`): with a fresh object per array, the gated delta
+    rule's interpreted kernels saw int32 and float32 pointers mixed up at random (the
+    specialiser appears to key on the object, whose freed address another dtype's reused)."""
+
+    def __init__(self, name: str):
+        self.name = name
 
     def __str__(self):
         return "torch." + self.name
 
     __repr__ = __str__
+
+
+@functools.cache
+def _dtype_of(name: str) -> _TorchDtypeName:
+    return _TorchDtypeName(_TORCH_DTYPES[name])
 
 
 class _Storage:
@@ -148,7 +157,7 @@ class _HostArray:
 
     def __init__(self, array: np.ndarray):
         self.array = array
-        self.dtype = _TorchDtypeName(array.dtype)
+        self.dtype = _dtype_of(np.dtype(array.dtype).name)
 
     def data_ptr(self) -> int:
         return self.array.ctypes.data
