@@ -50,6 +50,14 @@ def test_problem_names_the_limit(arrays, cc, interpret, expected):
     assert (got is None) if expected is None else (expected in got), got
 
 
+def test_an_unsupported_dtype_and_arch_pair_is_refused_with_its_reason():
+    import dataclasses
+    table = dataclasses.replace(_table(), unsupported={("float32", 80): "kernel x spills"})
+    assert table.refusal("float32", {"K": 64, "V": 64}, 80) == "float32 on sm_80: kernel x spills"
+    assert table.refusal("bfloat16", {"K": 64, "V": 64}, 80) is None
+    assert table.refusal("float32", {"K": 64, "V": 64}, 90) is None
+
+
 def test_configurations_cover_every_dtype_and_bucket_and_one_mixed_pair():
     got = _table().configurations()
     assert ("float32", {"K": 64, "V": 64}) in got and ("bfloat16", {"K": 256, "V": 256}) in got

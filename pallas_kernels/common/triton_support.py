@@ -11,7 +11,9 @@ The table holds
   portable form with the reason logged, under an explicit ``impl="triton"`` it is a ValueError;
 * the compile gate's configurations (:meth:`KernelTable.configurations`: dtype × padded sizes)
   and how to build each as a function of abstract arrays (``gate_case``), plus the resource
-  rules the gate applies (spill allowance per kernel, kernels with no matmul).
+  rules the gate applies (spill allowance per kernel, kernels with no matmul), and the
+  (dtype, architecture) pairs the family does not run on (``unsupported``, with the reason the
+  gate found), which the dispatcher refuses like a shape over the limits.
 
 Padded sizes: the kernels specialise on feature sizes rounded up to a power of two of at least
 16 (the smallest ``tl.dot``); the gate compiles each bucket of ``gate_sizes``.
@@ -74,6 +76,8 @@ class KernelTable:
     gate_sizes: tuple[int, ...] = (64, 128, 256)
     spill_allowance: Mapping[str, int] = dataclasses.field(default_factory=dict)
     dotless: tuple[str, ...] = ()
+    # (dtype, capability) -> why the family does not run there (what the gate measured).
+    unsupported: Mapping[tuple[str, int], str] = dataclasses.field(default_factory=dict)
 
     def configurations(self) -> list[tuple[str, dict[str, int]]]:
         """Every (dtype, sizes) the gate compiles: each dtype × each bucket on all dims, plus
@@ -108,6 +112,8 @@ class KernelTable:
         if capability not in self.capabilities:
             return (f"compute capability {capability} is not one of {self.capabilities} "
                     f"(the architectures the compile gate checks)")
+        if (dtype, capability) in self.unsupported:
+            return f"{dtype} on sm_{capability}: {self.unsupported[dtype, capability]}"
         need, limit = self.shared_bytes(dtype, sizes), ARCHS[capability].shared_limit
         if need > limit:
             return (f"needs ~{need} B of shared memory at {dict(sizes)} {dtype}, over the "
