@@ -18,10 +18,8 @@ are killed (also when pytest itself is killed), and the folders removed.
 """
 
 import atexit
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,15 +31,19 @@ JOBS: dict[str, "Job"] = {}
 _STOPPED = threading.Event()     # set at the end of the session: nothing starts after it
 
 
-def _child_setup():
-    """In the child before exec: a lower priority (nice 10), so that the suite's own process
-    keeps its core and the jobs take the idle one; SIGKILL when pytest dies, even by a signal
-    that skips atexit (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
-    os.nice(10)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+# Run first in the job's process, then exec'd into the job: a lower priority (nice 10), so
+# that the suite's own process keeps its core and the jobs take the idle one; SIGKILL when
+# pytest dies, even by a signal that skips atexit (Linux's PR_SET_PDEATHSIG, kept across exec;
+# elsewhere nothing). A launcher, not Popen's preexec_fn: Python code between fork and exec
+# in a multithreaded process (JAX's) can deadlock.
+_LAUNCHER = """import ctypes, os, signal, sys
+os.nice(10)
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+except (OSError, AttributeError):
+    pass
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
 
 
 class Job:
@@ -65,9 +67,9 @@ class Job:
             args = [a.replace("{dir}", self.dir) for a in self.args]
             env = {k: v.replace("{dir}", self.dir) for k, v in
                    {**os.environ, "PYTHONPATH": ROOT, **self.env}.items() if v is not None}
-            self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                                         stdout=self._files[0], stderr=self._files[1],
-                                         preexec_fn=_child_setup)
+            self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *args], cwd=ROOT,
+                                         env=env, text=True, stdout=self._files[0],
+                                         stderr=self._files[1])
 
     def wait(self) -> tuple[int, str, str]:
         """(returncode, stdout, stderr), starting the job first if nothing has."""
