@@ -2,7 +2,7 @@
 RMSNorm, gated RMSNorm, the SwiGLU MLP, rotary embedding, the causal short convolution (one per
 stream: `StreamConvs`), and the cost helpers every mixer's `flops_per_token` / `cache_bytes` use.
 
-The layer contract (DESIGN.md §3) that every mixer, and every new one, follows:
+The layer contract (layers/common.py) that every mixer, and every new one, follows:
 
 1. Projections are never sliced apart along a dimension that can be sharded. Each stream (q, k,
    v, a gate, Mamba's x / B / C / dt ...) has its own `Linear` and, where it has a short

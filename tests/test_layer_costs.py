@@ -1,4 +1,4 @@
-"""Every mixer reports its cost (DESIGN.md §3): forward FLOPs per token at a sequence length and
+"""Every mixer reports its cost: forward FLOPs per token at a sequence length and
 decode cache bytes per sequence at a context length, and the LM sums them.
 
 Parametrised over `known_mixers()`, so a new mixer is covered for free: its cache_bytes must equal

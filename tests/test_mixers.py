@@ -1,4 +1,4 @@
-"""The layer contract for every registered mixer (DESIGN.md §3): prefill + decode equals the full
+"""The layer contract for every registered mixer: prefill + decode equals the full
 forward pass for rows of different lengths, packed documents equal separate sequences, a 2-layer
 model of the mixer trains with falling loss, and no projection's output is cut apart into
 streams or joined with another's (`layers/common.py`, rule 1). The cache and packing cases also

@@ -26,7 +26,7 @@ each) and recomputes the rest — attention scores and the chunked forms' intra-
 batched dots (over B, H), O(T²) or O(T·C) per head, so they are exactly what should not be kept;
 "full" saves only each block's input.
 
-Costs come from the layers (DESIGN.md §3), never from matching mixer names:
+Costs come from the layers (their contract: layers/common.py), never from matching mixer names:
     flops_per_token(T) = Σ_blocks [mixer.flops_per_token(T) + 3·2·d·d_ff] + 2·d·V
 (the embedding lookup is free; norms are O(d) and not counted), training ≈ 3× that (the
 backward pass is ≈ 2× the forward), and cache_bytes(L) = Σ_blocks mixer.cache_bytes(L).

@@ -2,7 +2,7 @@
 mixer declares about itself.
 
 A factory takes `(cfg: ModelConfig, layer_idx: int, rngs)` and returns a module obeying the
-layer contract (DESIGN.md §3). Layers never read the config tree; the factory is where the
+layer contract (layers/common.py). Layers never read the config tree; the factory is where the
 model's fields become a layer's arguments. Each registration declares
 
 * `reads`: the optional model fields (`window`, `rope_theta`, `num_kv_heads`, `head_dim`) the

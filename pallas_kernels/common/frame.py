@@ -84,7 +84,7 @@ class Op:
     """One op's declaration (module docstring). ``fallback`` is what "auto" gives where the
     backend has no kernel of this op, and what a kernel gives way to on a mesh that does not
     divide its shapes. ``head_axes`` names the head axis of each positional array (None: no head
-    axis, split over the batch only); the default is axis 2 of every one, the H of DESIGN.md's
+    axis, split over the batch only); the default is axis 2 of every one, the H of the ops'
     ``[B, T, H, ...]`` sequences and ``[B, T, H]`` gates. ``shard_map_impls`` are pure-JAX
     implementations that run per shard like the kernels (their only array arguments are the
     positional arrays, the state and segment_ids): those whose scan runs over the batch

@@ -75,11 +75,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     """Gated delta rule over a sequence. Returns (o [B, T, HV, V] in v.dtype, final_state | None).
 
     ``scale=None`` means K**-0.5. ``initial_state`` [B, HV, K, V] is the state before token 0
-    (first document only). ``segment_ids`` [B, T] packs documents (DESIGN.md §2).
+    (first document only). ``segment_ids`` [B, T] packs documents (0: padding).
     ``debug_checks=True`` verifies β in [0, 1] and g <= 0 with ``checkify``: called eagerly it
     raises ``checkify.JaxRuntimeError``; under ``jax.jit`` wrap the jitted caller in
     ``checkify.checkify`` and inspect the returned error. ``chunk_size`` applies to "chunked"
-    (the kernels use their own, 64).
+    (the kernels use their own: 64 in Triton, 128 on TPU).
     """
     _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     OP.resolve(impl)

@@ -10,7 +10,7 @@ Equivalently S_t = a_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ. Inputs
 v [B, T, HV, V], g, β [B, T, HV] with HV % H == 0 (value head j reads q/k head j // (HV / H)),
 state [B, HV, K, V] float32. With ``use_qk_l2norm`` q and k become x / sqrt(Σx² + 1e-6) first.
 
-``segment_ids [B, T]`` (DESIGN.md §2): the state is set to zero before the first token of every
+``segment_ids [B, T]`` (packing): the state is set to zero before the first token of every
 new non-zero id after token 0, and padding tokens (id 0, trailing only) leave the state untouched
 and output 0, so the final state is the state after the last real token. ``initial_state`` is
 the state before token 0 and so applies to the first document only.

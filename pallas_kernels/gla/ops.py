@@ -4,7 +4,7 @@
 
 q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K] a log-decay per key channel (<= 0);
 HV % H == 0 and value head j reads q/k head j // (HV / H); state [B, HV, K, V] float32
-(key-major, DESIGN.md §2).
+(key-major).
 
 Implementations (``impl``): "reference" (token scan, the specification; it applies segment
 resets and padding itself) and "chunked" (pure JAX, chunkwise parallel with a hand-written
@@ -60,7 +60,7 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
     """Gated linear attention over a sequence. Returns (o [B, T, HV, V] in v.dtype, final | None).
 
     ``scale=None`` means K**-0.5. ``initial_state`` [B, HV, K, V] is the state before token 0
-    (first document only). ``segment_ids`` [B, T] packs documents (DESIGN.md §2).
+    (first document only). ``segment_ids`` [B, T] packs documents (0: padding).
     ``debug_checks=True`` verifies g <= 0 with ``checkify``: called eagerly it raises
     ``checkify.JaxRuntimeError``; under ``jax.jit`` wrap the jitted caller in
     ``checkify.checkify`` and inspect the returned error. ``chunk_size`` applies to "chunked".

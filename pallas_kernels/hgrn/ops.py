@@ -69,7 +69,7 @@ def hgrn(x, g, *, initial_state=None, output_final_state=False, segment_ids=None
     """HGRN recurrence over a sequence. Returns (o [B, T, D] in x.dtype, final_state | None).
 
     ``initial_state`` [B, D] is the state before token 0 (first document only); the final state
-    is float32 [B, D]. ``segment_ids`` [B, T] packs documents (DESIGN.md §2).
+    is float32 [B, D]. ``segment_ids`` [B, T] packs documents (0: padding).
     ``debug_checks=True`` verifies g <= 0 with ``checkify``: called eagerly it raises
     ``checkify.JaxRuntimeError``; under ``jax.jit`` wrap the jitted caller in
     ``checkify.checkify``. ``interpret`` is accepted for the common signature (no kernel here).

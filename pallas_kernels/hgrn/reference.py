@@ -6,7 +6,7 @@ Elementwise over the feature axis, with the forget gate f_t = exp(g_t) (g the lo
 
 x, g [B, T, D]; the state h is one float32 vector per sequence, [B, D].
 
-``segment_ids [B, T]`` (DESIGN.md §2): the state is set to zero before the first token of every
+``segment_ids [B, T]`` (packing): the state is set to zero before the first token of every
 new non-zero id after token 0; padding tokens (id 0, trailing only) leave the state untouched and
 output 0, so the final state is the state after the last real token. ``initial_state`` is the
 state before token 0 and so applies to the first document only.

@@ -65,7 +65,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
     """KDA over a sequence. Returns (o [B, T, HV, V] in v.dtype, final_state | None).
 
     ``scale=None`` means K**-0.5. ``initial_state`` [B, HV, K, V] is the state before token 0
-    (first document only). ``segment_ids`` [B, T] packs documents (DESIGN.md §2).
+    (first document only). ``segment_ids`` [B, T] packs documents (0: padding).
     ``debug_checks=True`` verifies β in [0, 1] and g <= 0 with ``checkify``: called eagerly it
     raises ``checkify.JaxRuntimeError``; under ``jax.jit`` wrap the jitted caller in
     ``checkify.checkify`` and inspect the returned error. ``chunk_size`` applies to "chunked".

@@ -12,7 +12,7 @@ q, k [B, T, H, K], v [B, T, HV, V], g [B, T, HV, K], β [B, T, HV] with HV % H =
 reads q/k head j // (HV / H)), state [B, HV, K, V] float32. With ``use_qk_l2norm`` q and k become
 x / sqrt(Σx² + 1e-6) first (gated_delta_rule's ``l2norm``).
 
-``segment_ids [B, T]`` (DESIGN.md §2): the state is set to zero before the first token of every
+``segment_ids [B, T]`` (packing): the state is set to zero before the first token of every
 new non-zero id after token 0; padding tokens (id 0, trailing only) leave the state untouched and
 output 0, so the final state is the state after the last real token. ``initial_state`` is the
 state before token 0 and so applies to the first document only.

@@ -3,7 +3,7 @@
     S_t = exp(g_t)·S_{t-1} + k_t v_tᵀ,    o_t = scale·S_tᵀ q_t
 
 q, k ``[B, T, H, K]``; v ``[B, T, HV, V]``; g ``[B, T, HV]`` (log-decay, ≤ 0); HV % H == 0 and value
-head j uses q/k head j // (HV / H); state ``[B, HV, K, V]`` float32 (DESIGN.md §2).
+head j uses q/k head j // (HV / H); state ``[B, HV, K, V]`` float32.
 
 Implementations (``impl``, declared in :data:`OP`): "reference" (token scan, the
 specification), "chunked" (pure JAX, the CPU default), "triton" (Triton kernels through

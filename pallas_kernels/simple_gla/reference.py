@@ -7,7 +7,7 @@ Recurrence, for every value head j (q/k head ``j // (HV / H)``), token t:
 
 with S_{-1} = ``initial_state`` (zero when absent) and ``scale=None`` meaning K ** -0.5.
 
-``segment_ids [B, T]`` (DESIGN.md §2): a new non-zero id at t > 0 resets the state to zero just
+``segment_ids [B, T]`` (packing): a new non-zero id at t > 0 resets the state to zero just
 before token t (S_{t-1} := 0); id 0 is trailing padding and a no-op (k = 0, g = 0, o_t = 0), so
 the final state is the state after the last real token. ``initial_state`` applies to the first
 document of each row only.

@@ -1,4 +1,4 @@
-"""Input pipeline: corpus -> tokens -> packed rows -> per-host batches (DESIGN.md §4).
+"""Input pipeline: corpus -> tokens -> packed rows -> per-host batches.
 
 The trainer's entry point is ``load_data(data_cfg, seed, *, tokenizer=None)``, which returns a ``PackedData``:
 ``tokenizer``, ``fingerprint``, ``batch(step, ...)``, ``iterator(start_step, ...)``,
