@@ -106,7 +106,7 @@ def test_explicit_triton_refuses_k512():
     (90, 128, jnp.bfloat16, "triton"),
     (90, 256, F32, "triton"),
     (80, 256, jnp.bfloat16, "triton"),
-    (80, 256, F32, "triton"),            # the state kernels in two K slices: under 163 KB
+    (80, 256, F32, "chunked"),           # float32 on sm_80: bwd_wy spills (TABLE.unsupported)
     (90, 512, jnp.bfloat16, "chunked"),
     (90, 64, jnp.float16, "chunked"),
     (75, 64, jnp.bfloat16, "chunked"),
