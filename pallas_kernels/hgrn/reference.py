@@ -17,7 +17,6 @@ it runs T sequential steps: it is the specification, not a training path.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

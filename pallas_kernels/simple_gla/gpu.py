@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.common import expand_groups, pad_axis, triton_call
+from pallas_kernels.common import pad_axis, triton_call
 from pallas_kernels.common.layout import chunk_cumsum, from_kernel_layout, to_kernel_layout
 from pallas_kernels.common.triton_support import KernelTable, padded
 
@@ -146,16 +146,8 @@ def _core_bwd(scale, interpret, res, cts):
     dfinal = dfinal.astype(_F32)
     dq, dk, dv, ds0 = _backward(q, k, v, b, seg, hs, do.astype(v.dtype), dfinal, scale,
                                 interpret)
-    bsz, h, t, kp = q.shape
-    hv = v.shape[1]
-    db = jnp.sum(expand_groups(q, hv, axis=1).astype(_F32) * dq
-                 - expand_groups(k, hv, axis=1).astype(_F32) * dk, axis=-1)   # [B, HV, Tp]
-    dg = jnp.cumsum(db[..., ::-1], axis=-1)[..., ::-1]
-    dg = dg + jnp.sum(dfinal * final, axis=(-2, -1))[..., None]
-    dq = dq.reshape(bsz, h, hv // h, t, kp).sum(2)                     # sum over each group
-    dk = dk.reshape(bsz, h, hv // h, t, kp).sum(2)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0,
-            jax.tree_util.tree_map(lambda _: None, seg))
+    from pallas_kernels.simple_gla.kernels import input_grads
+    return input_grads(q, k, v, seg, dq, dk, dv, ds0, dfinal, final)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

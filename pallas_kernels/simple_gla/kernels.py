@@ -67,8 +67,17 @@ def _kernel_bwd(impl, scale, interpret, chunk, res, cts):
     q, k, v, b, s0, seg, s_final = res
     do, dfinal = cts
     bwd = _BACKENDS[impl][1]
-    dq, dk, dv, ds0 = bwd(q, k, v, b, seg, s0, do.astype(v.dtype), dfinal.astype(jnp.float32),
+    dfinal = dfinal.astype(jnp.float32)
+    dq, dk, dv, ds0 = bwd(q, k, v, b, seg, s0, do.astype(v.dtype), dfinal,
                           scale=scale, chunk=chunk, interpret=interpret)
+    return input_grads(q, k, v, seg, dq, dk, dv, ds0, dfinal, s_final)
+
+
+def input_grads(q, k, v, seg, dq, dk, dv, ds0, dfinal, s_final):
+    """The custom_vjp's cotangents from the kernels' per-value-head dq, dk [B, HV, Tp, K] (float32),
+    dv, ∂L/∂S_0 and the final state's cotangent: dg by the identity
+    ∂L/∂B_t = q_t·dq_t − k_t·dk_t (+ Σ dF∘S_final at the end), dg_t = Σ_{u ≥ t} ∂L/∂B_u, then
+    dq, dk summed over each group of value heads. Shared by the Triton and TPU kernels."""
     bsz, h, t, kd = q.shape
     hv = v.shape[1]
     f32 = jnp.float32
