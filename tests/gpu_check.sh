@@ -13,8 +13,11 @@ PY=${PYTHON:-python}
 OPS="tests/test_gated_delta.py tests/test_simple_gla.py tests/test_titans_op.py"
 export JAX_PLATFORMS=cpu TRITON_DEFAULT_FP_FUSION=1
 status=0
+start=$SECONDS
 echo "== gpu-check 1/2: Triton kernels in Triton's interpreter"
-TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_*.py $OPS -k triton || status=1
+TRITON_INTERPRET=1 "$PY" -m pytest -p no:cacheprovider tests/test_triton_*.py $OPS -k triton || status=1
+echo "== gpu-check 1/2 took $(( SECONDS - start )) s"; start=$SECONDS
 echo "== gpu-check 2/2: lowering for CUDA and the compile gate"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_triton_*.py $OPS -k triton || status=1
+"$PY" -m pytest -p no:cacheprovider tests/test_triton_*.py $OPS -k triton || status=1
+echo "== gpu-check 2/2 took $(( SECONDS - start )) s"
 exit $status
