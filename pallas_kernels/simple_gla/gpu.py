@@ -39,8 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import common
-from pallas_kernels.common import pad_axis, triton_call
+from pallas_kernels.common import triton_call
 from pallas_kernels.common.layout import chunk_cumsum, from_kernel_layout, to_kernel_layout
 from pallas_kernels.common.triton_support import KernelTable, padded
 
@@ -161,21 +160,14 @@ def simple_gla_triton(q, k, v, g, *, scale=None, initial_state=None, segment_ids
     segment_ids: [B, T] int or None. Returns (o [B, T, HV, V] in v.dtype, final [B, HV, K, V]
     float32).
     """
-    from pallas_kernels.simple_gla.kernels import segment_masks
+    from pallas_kernels.simple_gla.kernels import padding_as_no_ops
     chunk = DEFAULT_CHUNK
     bsz, t, h, kd = q.shape
     hv, vd = v.shape[2], v.shape[3]
     scale = float(kd ** -0.5 if scale is None else scale)
     dtype = jnp.result_type(q, k, v)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    g = g.astype(_F32)
-    seg = None
-    if segment_ids is not None:
-        valid, reset = common.segment_masks(segment_ids)               # [B, T] each
-        q = jnp.where(valid[:, :, None, None], q, 0)
-        k = jnp.where(valid[:, :, None, None], k, 0)
-        g = jnp.where(valid[:, :, None], g, 0.0)
-        seg = segment_masks(pad_axis(reset, 1, chunk, False), chunk)   # 3 x [B, Tp] float32
+    q, k, g, seg = padding_as_no_ops(q, k, g, segment_ids, chunk)      # seg: 3 x [B, Tp] f32
     kp, vp = padded(kd), padded(vd)
     s0 = jnp.zeros((bsz, hv, kd, vd), _F32) if initial_state is None else initial_state
     s0 = jnp.pad(s0.astype(_F32), ((0, 0), (0, 0), (0, kp - kd), (0, vp - vd)))

@@ -40,6 +40,21 @@ _BACKENDS = {
 }
 
 
+def padding_as_no_ops(q, k, g, segment_ids, chunk):
+    """(q, k, g float32, seg): padding tokens (segment id 0) get q = k = 0, g = 0 (no-ops with
+    output 0) and ``segment_ids`` become the kernels' three masks (:func:`segment_masks`, T
+    padded to the chunk); ``seg`` is None without segment_ids. Shared by the Triton and TPU
+    kernels."""
+    g = g.astype(jnp.float32)
+    if segment_ids is None:
+        return q, k, g, None
+    valid, reset = common.segment_masks(segment_ids)                   # [B, T] each
+    q = jnp.where(valid[:, :, None, None], q, 0)
+    k = jnp.where(valid[:, :, None, None], k, 0)
+    g = jnp.where(valid[:, :, None], g, 0.0)
+    return q, k, g, segment_masks(pad_axis(reset, 1, chunk, False), chunk)
+
+
 def segment_masks(reset, chunk):
     """reset [B, Tp] bool -> (doc, carry, tail), each [B, Tp] float32 (see the module doc)."""
     bsz, t = reset.shape
@@ -101,14 +116,7 @@ def _run(impl, q, k, v, g, *, scale, initial_state, segment_ids, interpret, chun
     chunk = default_chunk if chunk is None else int(chunk)
     bsz, t, h, kd = q.shape
     hv, vd = v.shape[2], v.shape[3]
-    g = g.astype(jnp.float32)
-    seg = None
-    if segment_ids is not None:
-        valid, reset = common.segment_masks(segment_ids)               # [B, T] each
-        q = jnp.where(valid[:, :, None, None], q, 0)
-        k = jnp.where(valid[:, :, None, None], k, 0)
-        g = jnp.where(valid[:, :, None], g, 0.0)
-        seg = segment_masks(pad_axis(reset, 1, chunk, False), chunk)
+    q, k, g, seg = padding_as_no_ops(q, k, g, segment_ids, chunk)
     kp, vp = width(kd), width(vd)
     s0 = jnp.zeros((bsz, hv, kd, vd), jnp.float32) if initial_state is None else initial_state
     s0 = jnp.pad(s0.astype(jnp.float32), ((0, 0), (0, 0), (0, kp - kd), (0, vp - vd)))
